@@ -1,0 +1,201 @@
+"""The ``harness`` command line (contract in DESIGN.md).
+
+Bad input is one line on stderr and exit code 2; a run that failed is exit code 1. Nothing
+heavy is imported until a command needs it, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from harness.errors import HarnessError
+
+EXIT_FAILED_RUN = 1
+EXIT_BAD_INPUT = 2
+# anomalib's coreset loop fragments glibc's heap (25 MB a step, seen up to 23.6 GB) unless
+# large blocks are mmapped; glibc reads this only at process start.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+TRAINING_COMMANDS = {"run", "demo"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add(sub: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, description=help, epilog=f"example:\n  {example}", formatter_class=_formatter
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="harness",
+        description="Sweep and reproducibility harness for industrial anomaly detection (anomalib 2.x).",
+        epilog="example:\n  harness data synth datasets/synth && harness run --model patchcore "
+        "--data-root datasets/synth --category weave --set model_args.pre_trained=false",
+        formatter_class=_formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = _add(sub, "data", "data set tools", "harness data synth datasets/synth")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    synth = _add(
+        data_sub,
+        "synth",
+        "write a synthetic data set in MVTec AD layout (deterministic for a seed)",
+        "harness data synth datasets/synth --categories weave,disc,grid --size 128 --n-train 40",
+    )
+    synth.add_argument("out", type=Path, help="root to write ROOT/<category>/{train,test,ground_truth}")
+    synth.add_argument("--categories", default="weave,disc", help="comma-separated: weave (texture), "
+                       "disc (object on a plain background), grid (regular structure); default weave,disc")
+    synth.add_argument("--n-train", type=int, default=32, help="good training images per category (32)")
+    synth.add_argument("--n-test", type=int, default=24,
+                       help="test images per category, a third good, the rest scratch/hole/stain (24)")
+    synth.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
+    synth.add_argument("--seed", type=int, default=0, help="data seed (0)")
+
+    run = _add(
+        sub,
+        "run",
+        "one training and test run; prints a one-line summary and stores one record",
+        "harness run --model patchcore --data-root datasets/synth --category weave --seed 0 "
+        "--set model_args.pre_trained=false --set data.image_size=64",
+    )
+    run.add_argument("--model", required=True, help="patchcore or ganomaly")
+    run.add_argument("--data-root", required=True, help="root of an MVTec-layout (or folder-format) data set")
+    run.add_argument("--category", required=True, help="category directory under the root")
+    run.add_argument("--seed", type=int, default=0, help="seed of every RNG of the run (0)")
+    run.add_argument("--repeat", type=int, default=0, help="repeat index: same-seed reruns for determinism (0)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a dotted key of the experiment spec, e.g. model_args.pre_trained=false, "
+                     "data.image_size=64, model_args.weights=/data/resnet18.pth, name=my-study (repeatable)")
+    run.add_argument("--results", type=Path, default=None,
+                     help="results directory (default: $HARNESS_RESULTS or results/)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="auto: CUDA when visible, else CPU")
+
+    demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
+    demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")
+    return parser
+
+
+def cmd_synth(ns: argparse.Namespace) -> int:
+    from harness.synth import synth
+
+    categories = tuple(c.strip() for c in ns.categories.split(",") if c.strip())
+    s = synth(ns.out, categories, n_train=ns.n_train, n_test=ns.n_test, size=ns.size, seed=ns.seed)
+    print(
+        f"wrote {len(s.categories)} categories ({', '.join(s.categories)}) to {s.root}: "
+        f"{s.n_train} train, {s.n_test_good} good + {s.n_test_defect} defective test images each"
+    )
+    return 0
+
+
+# Keys `harness run` sets from its own flags; overriding them with --set would be ignored.
+_RUN_FLAG_KEYS = {"model": "--model", "data.root": "--data-root", "data.categories": "--category",
+                  "seeds": "--seed", "repeats": "--repeat"}
+
+
+def _format_summary(record: Any, path: Path) -> str:
+    head = f"{record.model} {record.category} seed={record.seed} repeat={record.repeat}"
+    if record.status == "failed":
+        return f"FAILED {head}: {record.error} -> {path}"
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items()) if v is not None)
+    t, m = record.timing, record.memory
+    return (
+        f"{head}: {metrics} fit={t.fit_s:.1f}s test={t.test_s:.1f}s "
+        f"peak_rss={m.peak_rss_bytes / 2**30:.2f}GiB -> {path}"
+    )
+
+
+def execute_run(
+    model: str, data_root: str, category: str, seed: int, repeat: int,
+    overrides: list[str], results: Path | None, device: str,
+) -> tuple[Any, Path]:
+    """Validate everything, run once, store the record; what ``harness run`` and the demo share."""
+    from harness.spec import apply_overrides, parse_set, run_spec, validate_spec
+    from harness.store import ResultsStore, default_results_dir
+
+    parsed = parse_set(overrides)
+    for parts, _ in parsed:
+        flag = _RUN_FLAG_KEYS.get(".".join(parts))
+        if flag:
+            raise HarnessError(f"--set {'.'.join(parts)}: use {flag} for `harness run`")
+    raw = {"model": model, "data": {"root": data_root, "categories": [category]}, "seeds": [seed]}
+    spec = validate_spec(apply_overrides(raw, parsed), "harness run")
+    if repeat < 0:
+        raise HarnessError(f"--repeat must be >= 0, got {repeat}")
+    from harness.run import run_one
+
+    record = run_one(run_spec(spec, category, seed, repeat, device))  # type: ignore[arg-type]
+    path = ResultsStore(results or default_results_dir()).put(record.to_json())
+    return record, path
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    record, path = execute_run(
+        ns.model, ns.data_root, ns.category, ns.seed, ns.repeat, ns.set, ns.results, ns.device
+    )
+    print(_format_summary(record, path))
+    return EXIT_FAILED_RUN if record.status == "failed" else 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """For now: synthetic data and one small run of each model (the demo grows with the sweeps)."""
+    from harness.synth import synth
+
+    data_root = ns.out / "data"
+    s = synth(data_root, ("weave", "disc"), n_train=32, n_test=24, size=64, seed=0)
+    print(f"wrote synthetic data ({', '.join(s.categories)}) to {data_root}")
+    small = ["data.image_size=64", "data.train_batch_size=8", "data.eval_batch_size=8", "name=demo"]
+    runs = [
+        ("patchcore", ["model_args.pre_trained=false"]),
+        ("ganomaly", ["model_args.max_epochs=5", "model_args.latent_vec_size=32", "model_args.n_features=32"]),
+    ]
+    failed = 0
+    for model, extra in runs:
+        record, path = execute_run(
+            model, str(data_root), "disc", 0, 0, small + extra, ns.out / "results", "auto"
+        )
+        print(_format_summary(record, path))
+        failed += record.status == "failed"
+    return EXIT_FAILED_RUN if failed else 0
+
+
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "demo": cmd_demo}
+
+
+def _reexec_with_malloc_env(argv: list[str]) -> None:
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "harness", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; with ``argv=None`` it is a real process and may re-exec itself once."""
+    args = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(args)
+    name = ns.data_command if ns.command == "data" else ns.command
+    if argv is None and ns.command in TRAINING_COMMANDS:
+        _reexec_with_malloc_env(args)
+    try:
+        return COMMANDS[name](ns)
+    except HarnessError as exc:
+        print(f"harness {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"harness {ns.command}: interrupted", file=sys.stderr)
+        return 130

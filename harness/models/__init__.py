@@ -1,0 +1,80 @@
+"""Model registry: adding a model is one new module in this package.
+
+Each module registers an adapter with ``@register_model("name")``. Adapters import anomalib
+only inside ``build``, so listing or validating models stays cheap (no 8 s import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class ModelArgs(BaseModel):
+    """Base of every model's arguments: strict, so a misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelAdapter(Protocol):
+    """What the run needs from a model: its arguments, how to build it, how long to train."""
+
+    Args: type[ModelArgs]
+    has_anomaly_map: bool
+
+    def build(
+        self, args: Any, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
+    ) -> Any:
+        """The anomalib module, with the harness's shared pre- and post-processing."""
+        ...
+
+    def max_epochs(self, args: Any) -> int:
+        """Epochs for Engine.fit."""
+        ...
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+_discovered = False
+A = TypeVar("A")
+
+
+def register_model(name: str) -> Any:
+    """Class decorator: register an adapter under ``name``; a second one is an error."""
+
+    def deco(cls: type[A]) -> type[A]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = cls()  # type: ignore[assignment]
+        return cls
+
+    return deco
+
+
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _discovered = True
+
+
+def known_models() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str) -> ModelAdapter:
+    """The adapter for ``name``, or an error that lists the known names."""
+    _discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise HarnessError(f"unknown model {name!r}; known: {', '.join(known_models())}") from None

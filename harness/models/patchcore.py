@@ -1,0 +1,124 @@
+"""PatchCore (Roth et al., 2022) through anomalib, with a ResNet-18 backbone by default."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from harness.errors import HarnessError
+from harness.models import ModelArgs, register_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Layer = Literal["layer1", "layer2", "layer3", "layer4"]
+
+
+class PatchcoreArgs(ModelArgs):
+    backbone: Literal["resnet18"] = "resnet18"
+    layers: list[Layer] = Field(default=["layer2", "layer3"], min_length=1)
+    pre_trained: bool = True
+    # A local state dict of the backbone (torchvision or timm ResNet-18 keys), for clusters
+    # without internet. Loaded with weights_only=True; takes precedence over pre_trained.
+    weights: str | None = None
+    coreset_sampling_ratio: float = Field(default=0.1, gt=0, le=1)
+    num_neighbors: int = Field(default=9, ge=1)
+
+
+_WAYS_OUT = (
+    "set model_args.pre_trained=false (random backbone), or model_args.weights=PATH "
+    "(a local ResNet-18 state dict, e.g. torchvision's resnet18-f37072fd.pth)"
+)
+
+
+def load_backbone_weights(backbone: str, path: str) -> nn.Module:
+    """A torchvision ResNet with the file's weights; any mismatch is a one-line error."""
+    import torch
+    import torchvision
+
+    file = Path(path)
+    if not file.is_file():
+        raise HarnessError(f"model_args.weights: no such file {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a non-checkpoint file
+        raise HarnessError(f"model_args.weights: {file} is not a torch weights file ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    module = getattr(torchvision.models, backbone)(weights=None)
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise HarnessError(f"model_args.weights: {file} does not fit {backbone}: {first}") from None
+    return module
+
+
+def ensure_pretrained_reachable(backbone: str) -> bool:
+    """Fail fast, naming the ways out, when pretrained weights can be neither read nor fetched.
+
+    Without this timm retries the hub for about a minute before failing. Returns whether the
+    weights are already in the local cache (then the build runs with the hub offline).
+    """
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = timm.models.get_pretrained_cfg(backbone).hf_hub_id
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return True
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    else:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            return False
+        except OSError:
+            reason = "huggingface.co cannot be reached"
+    raise HarnessError(f"pretrained {backbone} weights unavailable: {reason}; {_WAYS_OUT}")
+
+
+@register_model("patchcore")
+class Patchcore:
+    Args = PatchcoreArgs
+    has_anomaly_map = True
+
+    def build(
+        self, args: PatchcoreArgs, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
+    ) -> Any:
+        from anomalib.models import Patchcore as AnomalibPatchcore
+
+        backbone: str | nn.Module = args.backbone
+        offline = False
+        if args.weights:
+            backbone = load_backbone_weights(args.backbone, args.weights)
+        elif args.pre_trained:
+            offline = ensure_pretrained_reachable(args.backbone)
+        saved = os.environ.get("HF_HUB_OFFLINE")
+        if offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            return AnomalibPatchcore(
+                backbone=backbone,  # type: ignore[arg-type]  # anomalib accepts an nn.Module
+                layers=args.layers,
+                pre_trained=args.pre_trained and not args.weights,
+                coreset_sampling_ratio=args.coreset_sampling_ratio,
+                num_neighbors=args.num_neighbors,
+                pre_processor=pre_processor,
+                post_processor=post_processor,
+                evaluator=False,
+                visualizer=False,
+            )
+        finally:
+            if offline:
+                if saved is None:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = saved
+
+    def max_epochs(self, args: PatchcoreArgs) -> int:
+        return 1

@@ -1,0 +1,74 @@
+"""The run record: one JSON file per run, the only thing the checker and report read.
+
+Field names follow DESIGN.md. Scores are the model's raw scores (no min-max normalisation),
+per test image in the order of ``image_paths`` (sorted, relative to the category), so two
+records compare element by element and their hashes compare bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+RECORD_SCHEMA = "harness.run/1"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Predictions(_Record):
+    image_paths: list[str]
+    labels: list[int]
+    image_scores: list[float]
+    scores_sha256: str
+    maps_sha256: str | None  # None for models without an anomaly map (GANomaly)
+
+
+class Timing(_Record):
+    fit_s: float
+    test_s: float
+    latency_ms_per_image: float  # test_s / test images, data loading included
+    total_s: float
+
+
+class Memory(_Record):
+    peak_rss_bytes: int  # highest RSS sampled during the run
+    process_peak_rss_bytes: int  # the process's lifetime peak (getrusage), imports included
+    peak_gpu_bytes: int | None
+
+
+class DataInfo(_Record):
+    root: str
+    sha256: str  # of every image and mask of the category: identifies the data, not its path
+    n_train: int
+    n_test: int
+
+
+class RunRecord(_Record):
+    """One run, ``ok`` or ``failed``; failed runs keep their error and what was measured."""
+
+    schema_: str = RECORD_SCHEMA
+    run_id: str
+    sweep: str
+    study: str
+    model: str
+    params: dict[str, Any]
+    category: str
+    seed: int
+    repeat: int
+    status: Literal["ok", "failed"]
+    error: str | None
+    metrics: dict[str, float | None]
+    predictions: Predictions | None
+    timing: Timing | None
+    memory: Memory | None
+    data: DataInfo
+    environment: dict[str, Any]
+    started_at: str
+    finished_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        doc = self.model_dump(mode="json", exclude={"schema_"})
+        return {"schema": self.schema_, **doc}

@@ -1,0 +1,222 @@
+"""Experiment specs: strict loading, ``--set`` overrides, and expansion into runs.
+
+One config system (pydantic v2, ``extra="forbid"``): a misspelt key is an error naming the
+key, never a setting that silently does nothing. ``harness run`` builds the same spec from
+its flags, so a single run and a sweep's run are the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import HarnessError
+from harness.models import get_model
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(StrictModel):
+    """Where the images are and how every model sees them (the shared preprocessing)."""
+
+    format: Literal["mvtec", "folder"] = "mvtec"
+    root: str = "datasets/MVTecAD"
+    categories: list[str] = Field(min_length=1)
+    image_size: int = Field(default=256, ge=32, le=1024)
+    train_batch_size: int = Field(default=32, ge=1)
+    eval_batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=0, ge=0, le=64)
+    # Folder format: sub-directories of ROOT/<category>. The normal test images are
+    # `normal_test_dir` when given, else a seeded `normal_split_ratio` share of `normal_dir`.
+    normal_dir: str = "good"
+    abnormal_dir: str = "defect"
+    mask_dir: str | None = None
+    normal_test_dir: str | None = None
+    normal_split_ratio: float = Field(default=0.2, gt=0, lt=1)
+
+
+class ResourcesSpec(StrictModel):
+    """Per-run resources; ``cpu`` is also the torch thread count (it changes GANomaly's numbers)."""
+
+    cpu: int = Field(default=2, ge=1, le=256)
+    gpu: float = Field(default=0, ge=0, le=8)
+
+
+class WandbSpec(StrictModel):
+    project: str = "ad-stability"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class TrackingSpec(StrictModel):
+    wandb: WandbSpec | None = None
+
+
+class ExperimentSpec(StrictModel):
+    """A whole study as users write it in ``experiments/*.yaml`` (see DESIGN.md)."""
+
+    name: str = Field(default="adhoc", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    study: Literal["seeds", "hpo"] = "seeds"
+    model: str
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    data: DataSpec
+    seeds: list[int] = Field(default=[0], min_length=1)
+    repeats: int = Field(default=1, ge=1, le=100)
+    deterministic: bool = True
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        try:
+            get_model(name)
+        except HarnessError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_range(cls, seeds: list[int]) -> list[int]:
+        bad = [s for s in seeds if not 0 <= s < 2**32]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is outside 0..2**32-1")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds repeat; use `repeats` for same-seed reruns")
+        return seeds
+
+    def model_params(self) -> dict[str, Any]:
+        """The model's arguments with defaults filled in, validated by its adapter."""
+        return get_model(self.model).Args.model_validate(self.model_args).model_dump(mode="json")
+
+
+class RunSpec(StrictModel):
+    """Everything one run needs: a point of the study's grid."""
+
+    sweep: str
+    study: str
+    model: str
+    model_args: dict[str, Any]
+    data: DataSpec
+    category: str
+    seed: int
+    repeat: int
+    deterministic: bool
+    resources: ResourcesSpec
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def key(self) -> dict[str, Any]:
+        """What defines the run apart from where it runs (the run id adds the hardware)."""
+        return {
+            "sweep": self.sweep,
+            "model": self.model,
+            "params": self.params(),
+            "category": self.category,
+            "seed": self.seed,
+            "repeat": self.repeat,
+        }
+
+    def params(self) -> dict[str, Any]:
+        """Model and data settings; the data root is where, not what, so it is left out."""
+        data = self.data.model_dump(mode="json", exclude={"root", "categories"})
+        return {"model_args": self.model_args, "data": data, "deterministic": self.deterministic}
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``key.sub=value`` overrides; values are YAML scalars (``false``, ``64``, ``[a]``)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise HarnessError(f"--set {item!r}: expected key=value with a dotted key, e.g. data.image_size=64")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise HarnessError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        out.append((parts, value))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Set each dotted key in a copy of ``raw``; validation afterwards names any bad key."""
+    doc = json.loads(json.dumps(raw, default=str))
+    for parts, value in overrides:
+        node = doc
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise HarnessError(f"--set {'.'.join(parts)}: {p} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return doc
+
+
+def validate_spec(raw: Any, source: str = "spec") -> ExperimentSpec:
+    """Validate a spec document and the model's own arguments; one-line errors."""
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+        spec.model_params()
+    except ValidationError as err:
+        prefix = "model_args." if err.title != ExperimentSpec.__name__ else ""
+        raise HarnessError(f"{source}: {prefix}{_one_line(err)}") from None
+    return spec
+
+
+def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec, apply ``--set`` overrides, validate strictly."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"spec not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: expected a mapping of keys at the top level")
+    return validate_spec(apply_overrides(raw, parse_set(overrides or [])), str(path))
+
+
+def run_spec(
+    spec: ExperimentSpec, category: str, seed: int, repeat: int, device: Literal["auto", "cpu", "cuda"] = "auto"
+) -> RunSpec:
+    """One point of the study's grid."""
+    return RunSpec(
+        sweep=spec.name,
+        study=spec.study,
+        model=spec.model,
+        model_args=spec.model_params(),
+        data=spec.data,
+        category=category,
+        seed=seed,
+        repeat=repeat,
+        deterministic=spec.deterministic,
+        resources=spec.resources,
+        device=device,
+    )
+
+
+def expand(spec: ExperimentSpec, device: Literal["auto", "cpu", "cuda"] = "auto") -> list[RunSpec]:
+    """The study's grid, categories x seeds x repeats, in a fixed order."""
+    return [
+        run_spec(spec, category, seed, repeat, device)
+        for category in spec.data.categories
+        for seed in spec.seeds
+        for repeat in range(spec.repeats)
+    ]

@@ -1,0 +1,46 @@
+"""The results store: ``RESULTS/<sweep>/runs/<run_id>.json``, one atomic file per run.
+
+A record is written whole or not at all (temp file + rename), so a killed writer never
+leaves a half record, and concurrent writers of different runs never touch the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.fsutil import atomic_write_json
+
+DEFAULT_RESULTS = "results"
+
+
+def default_results_dir() -> Path:
+    return Path(os.environ.get("HARNESS_RESULTS", DEFAULT_RESULTS))
+
+
+class ResultsStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sweep: str, run_id: str) -> Path:
+        return self.root / sweep / "runs" / f"{run_id}.json"
+
+    def put(self, record: dict[str, Any]) -> Path:
+        """Store a record (replacing one with the same id: a rerun of the same run)."""
+        path = self.path(record["sweep"], record["run_id"])
+        atomic_write_json(path, record)
+        return path
+
+    def get(self, sweep: str, run_id: str) -> dict[str, Any] | None:
+        path = self.path(sweep, run_id)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def paths(self) -> Iterator[Path]:
+        """Every record file; temp files of unfinished writes start with a dot and are skipped."""
+        yield from sorted(p for p in self.root.glob("*/runs/*.json") if not p.name.startswith("."))
