@@ -95,8 +95,8 @@ def check_mvtec(root: Path, category: str) -> DataCheck:
     test_dir = cat_dir / "test"
     kinds = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
     test = [img for kind in kinds for img in _images(test_dir / kind)]
-    if not test:
-        raise HarnessError(f"no test images in {test_dir}; {MVTEC_LAYOUT}")
+    if not _images(test_dir / "good") or not any(_images(test_dir / k) for k in kinds if k != "good"):
+        raise HarnessError(f"{test_dir} needs good and defective test images for AUROC; {MVTEC_LAYOUT}")
     masks: list[Path] = []
     gt_dir = cat_dir / "ground_truth"
     gt_kinds = [p.name for p in gt_dir.iterdir() if p.is_dir()] if gt_dir.is_dir() else []

@@ -24,6 +24,7 @@ class Predictions(_Record):
     image_scores: list[float]
     scores_sha256: str
     maps_sha256: str | None  # None for models without an anomaly map (GANomaly)
+    model_sha256: str  # trained weights and buffers: where two runs first part ways
 
 
 class Timing(_Record):

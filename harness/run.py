@@ -28,7 +28,7 @@ from harness.datasets import DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
 from harness.fingerprint import fingerprint
-from harness.hashing import sha256_file, stable_hash
+from harness.hashing import sha256_file, stable_hash, state_sha256
 from harness.models import get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing
 from harness.spec import RunSpec
@@ -156,8 +156,11 @@ def _pre_processor(image_size: int) -> Any:
     return PreProcessor(transform=transform)
 
 
-def _fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicted, float, float]:
-    """Train through anomalib's Engine and predict the test split; returns raw outputs and times."""
+def fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicted, str, float, float]:
+    """Train through anomalib's Engine and predict the test split.
+
+    Returns the raw outputs, the trained model's state hash, and fit and test seconds.
+    """
     from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
 
@@ -188,7 +191,8 @@ def _fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predict
     t0 = time.perf_counter()
     batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     test_s = time.perf_counter() - t0
-    return collect(list(batches or []), Path(spec.data.root).expanduser() / spec.category), fit_s, test_s
+    pred = collect(list(batches or []), Path(spec.data.root).expanduser() / spec.category)
+    return pred, state_sha256(model.model), fit_s, test_s
 
 
 def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
@@ -204,7 +208,7 @@ def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
 def run_one(spec: RunSpec) -> RunRecord:
     """Run one point of a study and return its record (the caller stores it)."""
     adapter = get_model(spec.model)
-    adapter.Args.model_validate(spec.model_args)
+    adapter.check(adapter.Args.model_validate(spec.model_args))
     data = check_data(spec.data, spec.category)
     with quiet():
         device = resolve_device(spec.device)
@@ -214,11 +218,12 @@ def run_one(spec: RunSpec) -> RunRecord:
         t_start = time.perf_counter()
         error: str | None = None
         pred: Predicted | None = None
+        model_sha256 = ""
         metrics: dict[str, float | None] = {}
         fit_s = test_s = 0.0
         with MemoryMonitor(device) as mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
-                pred, fit_s, test_s = _fit_and_predict(spec, device, Path(workdir))
+                pred, model_sha256, fit_s, test_s = fit_and_predict(spec, device, Path(workdir))
                 metrics = compute_metrics(pred)
             except HarnessError:
                 raise
@@ -246,6 +251,7 @@ def run_one(spec: RunSpec) -> RunRecord:
             image_scores=pred.scores.tolist(),
             scores_sha256=pred.scores_sha256,
             maps_sha256=pred.maps_sha256,
+            model_sha256=model_sha256,
         ),
         timing=Timing(
             fit_s=round(fit_s, 4),

@@ -127,9 +127,9 @@ class RunSpec(StrictModel):
         return {"model_args": self.model_args, "data": data, "deterministic": self.deterministic}
 
 
-def _one_line(err: ValidationError) -> str:
+def _one_line(err: ValidationError, *prefix: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "spec"
+    where = ".".join([*prefix, *(str(p) for p in first["loc"])]) or "spec"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -175,8 +175,8 @@ def validate_spec(raw: Any, source: str = "spec") -> ExperimentSpec:
         spec = ExperimentSpec.model_validate(raw)
         spec.model_params()
     except ValidationError as err:
-        prefix = "model_args." if err.title != ExperimentSpec.__name__ else ""
-        raise HarnessError(f"{source}: {prefix}{_one_line(err)}") from None
+        prefix = () if err.title == ExperimentSpec.__name__ else ("model_args",)
+        raise HarnessError(f"{source}: {_one_line(err, *prefix)}") from None
     return spec
 
 

@@ -30,6 +30,10 @@ class ModelAdapter(Protocol):
     Args: type[ModelArgs]
     has_anomaly_map: bool
 
+    def check(self, args: Any) -> None:
+        """Fail fast, before the 8 s anomalib import, on what training would trip over."""
+        ...
+
     def build(
         self, args: Any, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
     ) -> Any:

@@ -38,6 +38,9 @@ class Ganomaly:
     Args = GanomalyArgs
     has_anomaly_map = False
 
+    def check(self, args: GanomalyArgs) -> None:
+        pass  # nothing outside the data to check: no pretrained parts
+
     def build(
         self, args: GanomalyArgs, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
     ) -> Any:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from harness.errors import HarnessError
 from harness.models import ModelArgs, register_model
@@ -22,11 +22,17 @@ class PatchcoreArgs(ModelArgs):
     backbone: Literal["resnet18"] = "resnet18"
     layers: list[Layer] = Field(default=["layer2", "layer3"], min_length=1)
     pre_trained: bool = True
-    # A local state dict of the backbone (torchvision or timm ResNet-18 keys), for clusters
-    # without internet. Loaded with weights_only=True; takes precedence over pre_trained.
+    # A local state dict of the pretrained backbone (torchvision or timm ResNet-18 keys), for
+    # clusters without internet; loaded with weights_only=True instead of fetching from the hub.
     weights: str | None = None
     coreset_sampling_ratio: float = Field(default=0.1, gt=0, le=1)
     num_neighbors: int = Field(default=9, ge=1)
+
+    @model_validator(mode="after")
+    def _weights_are_pretrained(self) -> PatchcoreArgs:
+        if self.weights and not self.pre_trained:
+            raise ValueError("weights is a pretrained backbone: it needs pre_trained=true")
+        return self
 
 
 _WAYS_OUT = (
@@ -87,6 +93,12 @@ class Patchcore:
     Args = PatchcoreArgs
     has_anomaly_map = True
 
+    def check(self, args: PatchcoreArgs) -> None:
+        if args.weights:
+            load_backbone_weights(args.backbone, args.weights)
+        elif args.pre_trained:
+            ensure_pretrained_reachable(args.backbone)
+
     def build(
         self, args: PatchcoreArgs, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
     ) -> Any:
@@ -105,7 +117,7 @@ class Patchcore:
             return AnomalibPatchcore(
                 backbone=backbone,  # type: ignore[arg-type]  # anomalib accepts an nn.Module
                 layers=args.layers,
-                pre_trained=args.pre_trained and not args.weights,
+                pre_trained=args.pre_trained and not args.weights,  # a module arrives with its weights
                 coreset_sampling_ratio=args.coreset_sampling_ratio,
                 num_neighbors=args.num_neighbors,
                 pre_processor=pre_processor,

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny synthetic data sets in tmp paths, and a fully offline environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Nothing in the tests may reach a network: no hub downloads, no W&B, no Ray usage stats.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+from harness.spec import RunSpec, run_spec, validate_spec  # noqa: E402
+from harness.synth import synth  # noqa: E402
+
+# Small enough for seconds per run on 2 cores, big enough for AUROC to mean something.
+TINY = {"n_train": 16, "n_test": 12, "size": 64}
+FAST_ARGS: dict[str, dict[str, Any]] = {
+    "patchcore": {"pre_trained": False},
+    "ganomaly": {"max_epochs": 2, "n_features": 16, "latent_vec_size": 16},
+}
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only-by-convention data set shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("synth")
+    synth(root, ("weave", "disc"), seed=0, **TINY)
+    return root
+
+
+@pytest.fixture
+def own_root(tmp_path: Path) -> Path:
+    """A data set of the test's own, for tests that damage it."""
+    root = tmp_path / "data"
+    synth(root, ("disc",), seed=0, **TINY)
+    return root
+
+
+def make_run_spec(
+    model: str,
+    root: Path,
+    category: str = "disc",
+    seed: int = 0,
+    repeat: int = 0,
+    model_args: dict[str, Any] | None = None,
+    **data: Any,
+) -> RunSpec:
+    """A validated RunSpec at test size, through the same path as `harness run`."""
+    raw = {
+        "name": "test",
+        "model": model,
+        "model_args": {**FAST_ARGS[model], **(model_args or {})},
+        "data": {"root": str(root), "categories": [category], "image_size": 64,
+                 "train_batch_size": 8, "eval_batch_size": 8, **data},
+        "seeds": [seed],
+    }
+    return run_spec(validate_spec(raw), category, seed, repeat, "cpu")

@@ -1,0 +1,142 @@
+"""The CLI as users call it: a real process, one-line errors, nothing stored on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.run import run_one
+from tests.conftest import make_run_spec
+
+SMALL = ["--set", "data.image_size=64", "--set", "data.train_batch_size=8", "--set", "data.eval_batch_size=8",
+         "--set", "name=test"]
+
+
+def harness(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("command", [[], ["data", "synth"], ["run"], ["demo"]])
+def test_help_has_an_example(command: list[str]) -> None:
+    out = harness(*command, "--help")
+    assert out.returncode == 0
+    assert "example:\n  harness" in out.stdout
+
+
+def test_synth_prints_a_summary(tmp_path: Path) -> None:
+    out = harness("data", "synth", tmp_path / "d", "--categories", "grid", "--n-train", "4", "--n-test", "6")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"wrote 1 categories (grid) to {tmp_path / 'd'}: "
+                                  "4 train, 2 good + 4 defective test images each")
+    assert len(list((tmp_path / "d" / "grid").rglob("*.png"))) == 4 + 6 + 4
+
+
+def _corrupt_image(root: Path) -> None:
+    (root / "disc" / "test" / "hole" / "000.png").write_bytes(b"not an image")
+
+
+def _empty_train(root: Path) -> None:
+    shutil.rmtree(root / "disc" / "train" / "good")
+    (root / "disc" / "train" / "good").mkdir()
+
+
+def _mask_without_image(root: Path) -> None:
+    (root / "disc" / "test" / "stain" / "001.png").unlink()
+
+
+BAD_INPUTS = [
+    ("missing root", ["--data-root", "{tmp}/nowhere", "--category", "disc"], None, "data root"),
+    ("unknown category", ["--category", "bottle"], None, "category 'bottle' not found"),
+    ("unknown model", ["--category", "disc", "--model", "padim"], None, "unknown model 'padim'"),
+    ("malformed set", ["--category", "disc", "--set", "data.image_size"], None, "expected key=value"),
+    ("unknown set key", ["--category", "disc", "--set", "data.img_size=64"], None, "data.img_size: unknown key"),
+    ("flag key in set", ["--category", "disc", "--set", "seeds=[1]"], None, "use --seed"),
+    ("not an image", ["--category", "disc"], _corrupt_image, "000.png: not a readable image"),
+    ("empty train dir", ["--category", "disc"], _empty_train, "no training images"),
+    ("mask without image", ["--category", "disc"], _mask_without_image, "001_mask.png: mask without an image"),
+    ("pretrained offline", ["--category", "disc", "--set", "model_args.pre_trained=true"], None,
+     "model_args.pre_trained=false"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "damage", "message"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_stores_nothing(
+    own_root: Path, tmp_path: Path, case: str, args: list[str], damage: object, message: str
+) -> None:
+    if callable(damage):
+        damage(own_root)
+    results = tmp_path / "results"
+    kept = results / "test" / "runs" / "kept.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"kept": true}\n')
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    model = [] if "--model" in args else ["--model", "patchcore"]
+    root = [] if "--data-root" in args else ["--data-root", str(own_root)]
+    out = harness("run", *model, *root, *args, *SMALL, "--set", "model_args.pre_trained=false"
+                  if case != "pretrained offline" else "name=test", "--results", results)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("harness run: error: ") and message in lines[0]
+    assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*")) == [
+        "test", "test/runs", "test/runs/kept.json"
+    ]
+    assert kept.read_text() == '{"kept": true}\n'
+
+
+def test_argparse_errors_are_one_line_too() -> None:
+    out = harness("run", "--model", "patchcore")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "required" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["patchcore", "ganomaly"])
+def test_run_cli_equals_the_library_call(model: str, synth_root: Path, tmp_path: Path) -> None:
+    """Two entry points, one answer: the CLI's record matches an in-process run bit for bit."""
+    extra = {"patchcore": ["model_args.pre_trained=false"],
+             "ganomaly": ["model_args.max_epochs=2", "model_args.n_features=16", "model_args.latent_vec_size=16"]}
+    sets = [x for s in extra[model] for x in ("--set", s)]
+    out = harness("run", "--model", model, "--data-root", synth_root, "--category", "disc", "--seed", "3",
+                  *SMALL, *sets, "--results", tmp_path / "r")
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith(f"{model} disc seed=3 repeat=0: image_AUROC=") and "\n" not in line
+    path = Path(line.rsplit(" -> ", 1)[1])
+    doc = json.loads(path.read_text())
+    assert path.parent == tmp_path / "r" / "test" / "runs"
+    assert doc["status"] == "ok" and doc["seed"] == 3
+    local = run_one(make_run_spec(model, synth_root, seed=3))
+    assert local.run_id == doc["run_id"]
+    assert local.predictions and local.predictions.scores_sha256 == doc["predictions"]["scores_sha256"]
+    assert local.metrics == doc["metrics"]
+
+
+@pytest.mark.slow
+def test_failed_run_exits_1_and_is_stored(synth_root: Path, tmp_path: Path) -> None:
+    out = harness("run", "--model", "patchcore", "--data-root", synth_root, "--category", "disc", *SMALL,
+                  "--set", "model_args.pre_trained=false", "--set", "model_args.coreset_sampling_ratio=0.0001",
+                  "--results", tmp_path)
+    assert out.returncode == 1
+    assert out.stdout.startswith("FAILED patchcore disc seed=0 repeat=0: ValueError: coreset_size")
+    (record,) = tmp_path.glob("test/runs/*.json")
+    assert json.loads(record.read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    out = harness("demo", "--out", tmp_path / "demo")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "demo" / "results").glob("demo/runs/*.json")]
+    assert sorted(r["model"] for r in records) == ["ganomaly", "patchcore"]
+    assert all(r["status"] == "ok" for r in records)
+    assert out.stdout.count(" -> ") == 2

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.datasets import check_data
+from harness.errors import HarnessError
+from harness.spec import DataSpec
+
+
+def _spec(root: Path, **kw: object) -> DataSpec:
+    return DataSpec(root=str(root), categories=["disc"], **kw)
+
+
+def test_valid_root_counts_and_hash(synth_root: Path) -> None:
+    check = check_data(_spec(synth_root), "disc")
+    assert (check.n_train, check.n_test) == (16, 12)
+    assert check.sha256 == check_data(_spec(synth_root), "disc").sha256
+    assert check.sha256 != check_data(_spec(synth_root), "weave").sha256
+
+
+def test_hash_follows_content_not_path(own_root: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(own_root, moved)
+    assert check_data(_spec(moved), "disc").sha256 == check_data(_spec(own_root), "disc").sha256
+    img = moved / "disc" / "train" / "good" / "000.png"
+    shutil.copy(moved / "disc" / "train" / "good" / "001.png", img)
+    assert check_data(_spec(moved), "disc").sha256 != check_data(_spec(own_root), "disc").sha256
+
+
+def test_missing_root_says_where_and_never_downloads(tmp_path: Path) -> None:
+    with pytest.raises(HarnessError, match=r"data root .*nowhere not found \(nothing is downloaded\); expected MVTec"):
+        check_data(_spec(tmp_path / "nowhere"), "disc")
+
+
+def test_unknown_category_lists_the_available(synth_root: Path) -> None:
+    with pytest.raises(HarnessError, match=r"category 'bottle' not found .*available: disc, weave"):
+        check_data(_spec(synth_root), "bottle")
+
+
+def test_empty_train_dir(own_root: Path) -> None:
+    for p in (own_root / "disc" / "train" / "good").iterdir():
+        p.unlink()
+    with pytest.raises(HarnessError, match="no training images in"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_file_that_is_not_an_image(own_root: Path) -> None:
+    bad = own_root / "disc" / "test" / "hole" / "000.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(HarnessError, match=r"test/hole/000.png: not a readable image"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_truncated_image(own_root: Path) -> None:
+    img = own_root / "disc" / "train" / "good" / "003.png"
+    img.write_bytes(img.read_bytes()[:200])
+    with pytest.raises(HarnessError, match="003.png: not a readable image"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_mask_without_image(own_root: Path) -> None:
+    (own_root / "disc" / "test" / "scratch" / "001.png").unlink()
+    with pytest.raises(HarnessError, match=r"001_mask.png: mask without an image"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_defect_image_without_mask(own_root: Path) -> None:
+    (own_root / "disc" / "ground_truth" / "stain" / "000_mask.png").unlink()
+    with pytest.raises(HarnessError, match=r"stain/000.png: defect image without a mask"):
+        check_data(_spec(own_root), "disc")
+
+
+def _folder_layout(src: Path, dst: Path, masks: bool) -> None:
+    """A user's own images: normal/, abnormal/, masks/ (flat), as additive-manufacturing data comes."""
+    cat = dst / "part"
+    (cat / "normal").mkdir(parents=True)
+    (cat / "abnormal").mkdir()
+    for p in (src / "train" / "good").glob("*.png"):
+        shutil.copy(p, cat / "normal" / p.name)
+    for defect_dir in (src / "test").iterdir():
+        if defect_dir.name == "good":
+            continue
+        for p in defect_dir.glob("*.png"):
+            shutil.copy(p, cat / "abnormal" / f"{defect_dir.name}_{p.name}")
+            if masks:
+                (cat / "masks").mkdir(exist_ok=True)
+                shutil.copy(src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
+                            cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png")
+
+
+def test_folder_format(synth_root: Path, tmp_path: Path) -> None:
+    _folder_layout(synth_root / "disc", tmp_path, masks=True)
+    spec = DataSpec(format="folder", root=str(tmp_path), categories=["part"], normal_dir="normal",
+                    abnormal_dir="abnormal", mask_dir="masks")
+    check = check_data(spec, "part")
+    assert (check.n_train, check.n_test) == (13, 8 + 3)
+    (tmp_path / "part" / "abnormal" / "hole_000.png").unlink()
+    with pytest.raises(HarnessError, match="hole_000_mask.png: mask without an image"):
+        check_data(spec, "part")
+    with pytest.raises(HarnessError, match="no anomalous images in .*missing"):
+        check_data(spec.model_copy(update={"abnormal_dir": "missing"}), "part")
+
+
+def test_test_split_without_defects(own_root: Path) -> None:
+    for defect in ("scratch", "hole", "stain"):
+        shutil.rmtree(own_root / "disc" / "test" / defect)
+        shutil.rmtree(own_root / "disc" / "ground_truth" / defect)
+    with pytest.raises(HarnessError, match="needs good and defective test images"):
+        check_data(_spec(own_root), "disc")

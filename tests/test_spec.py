@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.run import make_run_id
+from harness.spec import apply_overrides, expand, load_spec, parse_set, validate_spec
+
+BASE = {"model": "patchcore", "data": {"root": "/data", "categories": ["bottle", "screw"]}}
+
+
+def test_defaults_are_a_real_mvtec_study() -> None:
+    spec = validate_spec(BASE)
+    args = spec.model_params()
+    assert args["pre_trained"] is True
+    assert args["layers"] == ["layer2", "layer3"]
+    assert args["coreset_sampling_ratio"] == 0.1
+    assert spec.data.image_size == 256
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"colour": 1}, "colour: unknown key"),
+        ({"data": {**BASE["data"], "imagesize": 64}}, "data.imagesize: unknown key"),
+        ({"model_args": {"coreset_ratio": 0.1}}, "model_args.coreset_ratio: unknown key"),
+        ({"model_args": {"coreset_sampling_ratio": 1.5}}, "model_args.coreset_sampling_ratio: Input should be less"),
+        ({"model": "padim"}, "unknown model 'padim'; known: ganomaly, patchcore"),
+        ({"seeds": [1, 1]}, "seeds: seeds repeat"),
+        ({"data": {**BASE["data"], "image_size": "big"}}, "data.image_size: Input should be a valid integer"),
+        ({"model_args": {"pre_trained": False, "weights": "/w.pth"}}, "model_args: weights is a pretrained backbone"),
+        ({"repeats": 0}, "repeats: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_specs_name_the_key(override: dict, message: str) -> None:
+    with pytest.raises(HarnessError) as err:
+        validate_spec({**BASE, **override})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_set_parses_yaml_scalars_and_dotted_keys() -> None:
+    parsed = parse_set(["model_args.pre_trained=false", "data.image_size=64", "seeds=[1, 2]", "name=x"])
+    doc = apply_overrides(BASE, parsed)
+    spec = validate_spec(doc)
+    assert spec.model_params()["pre_trained"] is False
+    assert spec.data.image_size == 64
+    assert spec.seeds == [1, 2]
+    assert spec.name == "x"
+    assert BASE["data"].get("image_size") is None, "overrides must not change the input"
+
+
+@pytest.mark.parametrize("item", ["noequals", "=5", "a..b=1", "data.image_size=[1"])
+def test_malformed_set(item: str) -> None:
+    with pytest.raises(HarnessError, match="--set"):
+        parse_set([item])
+
+
+def test_set_into_a_scalar_is_an_error() -> None:
+    with pytest.raises(HarnessError, match="model is not a mapping"):
+        apply_overrides(BASE, parse_set(["model.x=1"]))
+
+
+def test_expand_is_categories_by_seeds_by_repeats() -> None:
+    spec = validate_spec({**BASE, "seeds": [3, 4], "repeats": 2})
+    runs = expand(spec)
+    assert [(r.category, r.seed, r.repeat) for r in runs] == [
+        (c, s, r) for c in ("bottle", "screw") for s in (3, 4) for r in (0, 1)
+    ]
+
+
+def test_run_id_is_stable_and_separates_what_differs() -> None:
+    a, b = expand(validate_spec({**BASE, "seeds": [0], "repeats": 2}))[:2]
+    assert make_run_id(a, "hw1") == make_run_id(a.model_copy(), "hw1")
+    assert len({make_run_id(a, "hw1"), make_run_id(b, "hw1"), make_run_id(a, "hw2")}) == 3
+    moved = validate_spec({**BASE, "data": {**BASE["data"], "root": "/elsewhere"}})
+    assert make_run_id(expand(moved)[0], "hw1") == make_run_id(a, "hw1"), "the data's path is not its identity"
+
+
+def test_load_spec_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("model: ganomaly\ndata: {root: /d, categories: [a]}\nmodel_args: {max_epochs: 3}\n")
+    spec = load_spec(path, ["model_args.lr=0.001"])
+    assert spec.model_params()["lr"] == 0.001 and spec.model_params()["max_epochs"] == 3
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(HarnessError, match="not valid YAML"):
+        load_spec(path)
+    with pytest.raises(HarnessError, match="spec not found"):
+        load_spec(tmp_path / "missing.yaml")
