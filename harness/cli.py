@@ -58,11 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         "harness data synth datasets/synth --categories weave,disc,grid --size 128 --n-train 40",
     )
     synth.add_argument("out", type=Path, help="root to write ROOT/<category>/{train,test,ground_truth}")
-    synth.add_argument("--categories", default="weave,disc", help="comma-separated: weave (texture), "
-                       "disc (object on a plain background), grid (regular structure); default weave,disc")
+    synth.add_argument(
+        "--categories",
+        default="weave,disc",
+        help="comma-separated: weave (texture), "
+        "disc (object on a plain background), grid (regular structure); default weave,disc",
+    )
     synth.add_argument("--n-train", type=int, default=32, help="good training images per category (32)")
-    synth.add_argument("--n-test", type=int, default=24,
-                       help="test images per category, a third good, the rest scratch/hole/stain (24)")
+    synth.add_argument(
+        "--n-test",
+        type=int,
+        default=24,
+        help="test images per category, a third good, the rest scratch/hole/stain (24)",
+    )
     synth.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
     synth.add_argument("--seed", type=int, default=0, help="data seed (0)")
 
@@ -78,13 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--category", required=True, help="category directory under the root")
     run.add_argument("--seed", type=int, default=0, help="seed of every RNG of the run (0)")
     run.add_argument("--repeat", type=int, default=0, help="repeat index: same-seed reruns for determinism (0)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a dotted key of the experiment spec, e.g. model_args.pre_trained=false, "
-                     "data.image_size=64, model_args.weights=/data/resnet18.pth, name=my-study (repeatable)")
-    run.add_argument("--results", type=Path, default=None,
-                     help="results directory (default: $HARNESS_RESULTS or results/)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                     help="auto: CUDA when visible, else CPU")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key of the experiment spec, e.g. model_args.pre_trained=false, "
+        "data.image_size=64, model_args.weights=/data/resnet18.pth, name=my-study (repeatable)",
+    )
+    run.add_argument(
+        "--results", type=Path, default=None, help="results directory (default: $HARNESS_RESULTS or results/)"
+    )
+    run.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when visible, else CPU"
+    )
 
     demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")
@@ -104,8 +119,13 @@ def cmd_synth(ns: argparse.Namespace) -> int:
 
 
 # Keys `harness run` sets from its own flags; overriding them with --set would be ignored.
-_RUN_FLAG_KEYS = {"model": "--model", "data.root": "--data-root", "data.categories": "--category",
-                  "seeds": "--seed", "repeats": "--repeat"}
+_RUN_FLAG_KEYS = {
+    "model": "--model",
+    "data.root": "--data-root",
+    "data.categories": "--category",
+    "seeds": "--seed",
+    "repeats": "--repeat",
+}
 
 
 def _format_summary(record: Any, path: Path) -> str:
@@ -121,8 +141,14 @@ def _format_summary(record: Any, path: Path) -> str:
 
 
 def execute_run(
-    model: str, data_root: str, category: str, seed: int, repeat: int,
-    overrides: list[str], results: Path | None, device: str,
+    model: str,
+    data_root: str,
+    category: str,
+    seed: int,
+    repeat: int,
+    overrides: list[str],
+    results: Path | None,
+    device: str,
 ) -> tuple[Any, Path]:
     """Validate everything, run once, store the record; what ``harness run`` and the demo share."""
     from harness.spec import apply_overrides, parse_set, run_spec, validate_spec
@@ -134,7 +160,7 @@ def execute_run(
         if flag:
             raise HarnessError(f"--set {'.'.join(parts)}: use {flag} for `harness run`")
     raw = {"model": model, "data": {"root": data_root, "categories": [category]}, "seeds": [seed]}
-    spec = validate_spec(apply_overrides(raw, parsed), "harness run")
+    spec = validate_spec(apply_overrides(raw, parsed))
     if repeat < 0:
         raise HarnessError(f"--repeat must be >= 0, got {repeat}")
     from harness.run import run_one
@@ -145,9 +171,7 @@ def execute_run(
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    record, path = execute_run(
-        ns.model, ns.data_root, ns.category, ns.seed, ns.repeat, ns.set, ns.results, ns.device
-    )
+    record, path = execute_run(ns.model, ns.data_root, ns.category, ns.seed, ns.repeat, ns.set, ns.results, ns.device)
     print(_format_summary(record, path))
     return EXIT_FAILED_RUN if record.status == "failed" else 0
 
@@ -166,9 +190,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     ]
     failed = 0
     for model, extra in runs:
-        record, path = execute_run(
-            model, str(data_root), "disc", 0, 0, small + extra, ns.out / "results", "auto"
-        )
+        record, path = execute_run(model, str(data_root), "disc", 0, 0, small + extra, ns.out / "results", "auto")
         print(_format_summary(record, path))
         failed += record.status == "failed"
     return EXIT_FAILED_RUN if failed else 0

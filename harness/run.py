@@ -208,8 +208,8 @@ def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
 def run_one(spec: RunSpec) -> RunRecord:
     """Run one point of a study and return its record (the caller stores it)."""
     adapter = get_model(spec.model)
-    adapter.check(adapter.Args.model_validate(spec.model_args))
     data = check_data(spec.data, spec.category)
+    adapter.check(adapter.Args.model_validate(spec.model_args))
     with quiet():
         device = resolve_device(spec.device)
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)

@@ -8,7 +8,7 @@ its flags, so a single run and a sweep's run are the same thing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -122,9 +122,17 @@ class RunSpec(StrictModel):
         }
 
     def params(self) -> dict[str, Any]:
-        """Model and data settings; the data root is where, not what, so it is left out."""
+        """Model and data settings, with no machine's paths in them.
+
+        Where the data or a weights file lies differs between machines and says nothing of
+        what they hold, so the data root is left out and a weights path is cut to its file
+        name; the run adds content hashes of both to its record.
+        """
         data = self.data.model_dump(mode="json", exclude={"root", "categories"})
-        return {"model_args": self.model_args, "data": data, "deterministic": self.deterministic}
+        model_args = dict(self.model_args)
+        if model_args.get("weights"):
+            model_args["weights"] = PurePath(model_args["weights"]).name
+        return {"model_args": model_args, "data": data, "deterministic": self.deterministic}
 
 
 def _one_line(err: ValidationError, *prefix: str) -> str:
@@ -167,16 +175,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]])
     return doc
 
 
-def validate_spec(raw: Any, source: str = "spec") -> ExperimentSpec:
-    """Validate a spec document and the model's own arguments; one-line errors."""
+def validate_spec(raw: Any, source: str = "") -> ExperimentSpec:
+    """Validate a spec document and the model's own arguments; one-line errors (``source: key: why``)."""
+    where = f"{source}: " if source else ""
     if not isinstance(raw, dict):
-        raise HarnessError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+        raise HarnessError(f"{where}expected a mapping of keys, got {type(raw).__name__}")
     try:
         spec = ExperimentSpec.model_validate(raw)
         spec.model_params()
     except ValidationError as err:
         prefix = () if err.title == ExperimentSpec.__name__ else ("model_args",)
-        raise HarnessError(f"{source}: {_one_line(err, *prefix)}") from None
+        raise HarnessError(f"{where}{_one_line(err, *prefix)}") from None
     return spec
 
 

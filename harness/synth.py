@@ -138,9 +138,7 @@ def synth(
     """
     unknown = [c for c in categories if c not in PATTERNS]
     if unknown:
-        raise HarnessError(
-            f"unknown synthetic category {unknown[0]!r}; known: {', '.join(PATTERNS)}"
-        )
+        raise HarnessError(f"unknown synthetic category {unknown[0]!r}; known: {', '.join(PATTERNS)}")
     if not categories:
         raise HarnessError("--categories needs at least one category")
     if n_train < 1 or n_test < 2:

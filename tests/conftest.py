@@ -14,8 +14,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
-from harness.spec import RunSpec, run_spec, validate_spec  # noqa: E402
-from harness.synth import synth  # noqa: E402
+from harness.spec import RunSpec, run_spec, validate_spec
+from harness.synth import synth
 
 # Small enough for seconds per run on 2 cores, big enough for AUROC to mean something.
 TINY = {"n_train": 16, "n_test": 12, "size": 64}
@@ -55,8 +55,14 @@ def make_run_spec(
         "name": "test",
         "model": model,
         "model_args": {**FAST_ARGS[model], **(model_args or {})},
-        "data": {"root": str(root), "categories": [category], "image_size": 64,
-                 "train_batch_size": 8, "eval_batch_size": 8, **data},
+        "data": {
+            "root": str(root),
+            "categories": [category],
+            "image_size": 64,
+            "train_batch_size": 8,
+            "eval_batch_size": 8,
+            **data,
+        },
         "seeds": [seed],
     }
     return run_spec(validate_spec(raw), category, seed, repeat, "cpu")

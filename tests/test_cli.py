@@ -14,14 +14,28 @@ import pytest
 from harness.run import run_one
 from tests.conftest import make_run_spec
 
-SMALL = ["--set", "data.image_size=64", "--set", "data.train_batch_size=8", "--set", "data.eval_batch_size=8",
-         "--set", "name=test"]
+SMALL = [
+    "--set",
+    "data.image_size=64",
+    "--set",
+    "data.train_batch_size=8",
+    "--set",
+    "data.eval_batch_size=8",
+    "--set",
+    "name=test",
+]
 
 
 def harness(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["data", "synth"], ["run"], ["demo"]])
@@ -34,8 +48,9 @@ def test_help_has_an_example(command: list[str]) -> None:
 def test_synth_prints_a_summary(tmp_path: Path) -> None:
     out = harness("data", "synth", tmp_path / "d", "--categories", "grid", "--n-train", "4", "--n-test", "6")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == (f"wrote 1 categories (grid) to {tmp_path / 'd'}: "
-                                  "4 train, 2 good + 4 defective test images each")
+    assert out.stdout.strip() == (
+        f"wrote 1 categories (grid) to {tmp_path / 'd'}: 4 train, 2 good + 4 defective test images each"
+    )
     assert len(list((tmp_path / "d" / "grid").rglob("*.png"))) == 4 + 6 + 4
 
 
@@ -62,8 +77,12 @@ BAD_INPUTS = [
     ("not an image", ["--category", "disc"], _corrupt_image, "000.png: not a readable image"),
     ("empty train dir", ["--category", "disc"], _empty_train, "no training images"),
     ("mask without image", ["--category", "disc"], _mask_without_image, "001_mask.png: mask without an image"),
-    ("pretrained offline", ["--category", "disc", "--set", "model_args.pre_trained=true"], None,
-     "model_args.pre_trained=false"),
+    (
+        "pretrained offline",
+        ["--category", "disc", "--set", "model_args.pre_trained=true"],
+        None,
+        "model_args.pre_trained=false",
+    ),
 ]
 
 
@@ -80,15 +99,27 @@ def test_bad_input_is_one_line_and_stores_nothing(
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     model = [] if "--model" in args else ["--model", "patchcore"]
     root = [] if "--data-root" in args else ["--data-root", str(own_root)]
-    out = harness("run", *model, *root, *args, *SMALL, "--set", "model_args.pre_trained=false"
-                  if case != "pretrained offline" else "name=test", "--results", results)
+    out = harness(
+        "run",
+        *model,
+        *root,
+        *args,
+        *SMALL,
+        "--set",
+        "model_args.pre_trained=false" if case != "pretrained offline" else "name=test",
+        "--results",
+        results,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("harness run: error: ") and message in lines[0]
+    assert lines[0].startswith("harness run: error: ")
+    assert message in lines[0]
     assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*")) == [
-        "test", "test/runs", "test/runs/kept.json"
+        "test",
+        "test/runs",
+        "test/runs/kept.json",
     ]
     assert kept.read_text() == '{"kept": true}\n'
 
@@ -96,36 +127,68 @@ def test_bad_input_is_one_line_and_stores_nothing(
 def test_argparse_errors_are_one_line_too() -> None:
     out = harness("run", "--model", "patchcore")
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "required" in out.stderr
+    assert out.stderr.count("\n") == 1
+    assert "required" in out.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["patchcore", "ganomaly"])
 def test_run_cli_equals_the_library_call(model: str, synth_root: Path, tmp_path: Path) -> None:
     """Two entry points, one answer: the CLI's record matches an in-process run bit for bit."""
-    extra = {"patchcore": ["model_args.pre_trained=false"],
-             "ganomaly": ["model_args.max_epochs=2", "model_args.n_features=16", "model_args.latent_vec_size=16"]}
+    extra = {
+        "patchcore": ["model_args.pre_trained=false"],
+        "ganomaly": ["model_args.max_epochs=2", "model_args.n_features=16", "model_args.latent_vec_size=16"],
+    }
     sets = [x for s in extra[model] for x in ("--set", s)]
-    out = harness("run", "--model", model, "--data-root", synth_root, "--category", "disc", "--seed", "3",
-                  *SMALL, *sets, "--results", tmp_path / "r")
+    out = harness(
+        "run",
+        "--model",
+        model,
+        "--data-root",
+        synth_root,
+        "--category",
+        "disc",
+        "--seed",
+        "3",
+        *SMALL,
+        *sets,
+        "--results",
+        tmp_path / "r",
+    )
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
-    assert line.startswith(f"{model} disc seed=3 repeat=0: image_AUROC=") and "\n" not in line
+    assert line.startswith(f"{model} disc seed=3 repeat=0: image_AUROC=")
+    assert "\n" not in line
     path = Path(line.rsplit(" -> ", 1)[1])
     doc = json.loads(path.read_text())
     assert path.parent == tmp_path / "r" / "test" / "runs"
-    assert doc["status"] == "ok" and doc["seed"] == 3
+    assert doc["status"] == "ok"
+    assert doc["seed"] == 3
     local = run_one(make_run_spec(model, synth_root, seed=3))
     assert local.run_id == doc["run_id"]
-    assert local.predictions and local.predictions.scores_sha256 == doc["predictions"]["scores_sha256"]
+    assert local.predictions
+    assert local.predictions.scores_sha256 == doc["predictions"]["scores_sha256"]
     assert local.metrics == doc["metrics"]
 
 
 @pytest.mark.slow
 def test_failed_run_exits_1_and_is_stored(synth_root: Path, tmp_path: Path) -> None:
-    out = harness("run", "--model", "patchcore", "--data-root", synth_root, "--category", "disc", *SMALL,
-                  "--set", "model_args.pre_trained=false", "--set", "model_args.coreset_sampling_ratio=0.0001",
-                  "--results", tmp_path)
+    out = harness(
+        "run",
+        "--model",
+        "patchcore",
+        "--data-root",
+        synth_root,
+        "--category",
+        "disc",
+        *SMALL,
+        "--set",
+        "model_args.pre_trained=false",
+        "--set",
+        "model_args.coreset_sampling_ratio=0.0001",
+        "--results",
+        tmp_path,
+    )
     assert out.returncode == 1
     assert out.stdout.startswith("FAILED patchcore disc seed=0 repeat=0: ValueError: coreset_size")
     (record,) = tmp_path.glob("test/runs/*.json")

@@ -57,7 +57,7 @@ def test_file_that_is_not_an_image(own_root: Path) -> None:
 def test_truncated_image(own_root: Path) -> None:
     img = own_root / "disc" / "train" / "good" / "003.png"
     img.write_bytes(img.read_bytes()[:200])
-    with pytest.raises(HarnessError, match="003.png: not a readable image"):
+    with pytest.raises(HarnessError, match=r"003\.png: not a readable image"):
         check_data(_spec(own_root), "disc")
 
 
@@ -87,20 +87,28 @@ def _folder_layout(src: Path, dst: Path, masks: bool) -> None:
             shutil.copy(p, cat / "abnormal" / f"{defect_dir.name}_{p.name}")
             if masks:
                 (cat / "masks").mkdir(exist_ok=True)
-                shutil.copy(src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
-                            cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png")
+                shutil.copy(
+                    src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
+                    cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png",
+                )
 
 
 def test_folder_format(synth_root: Path, tmp_path: Path) -> None:
     _folder_layout(synth_root / "disc", tmp_path, masks=True)
-    spec = DataSpec(format="folder", root=str(tmp_path), categories=["part"], normal_dir="normal",
-                    abnormal_dir="abnormal", mask_dir="masks")
+    spec = DataSpec(
+        format="folder",
+        root=str(tmp_path),
+        categories=["part"],
+        normal_dir="normal",
+        abnormal_dir="abnormal",
+        mask_dir="masks",
+    )
     check = check_data(spec, "part")
     assert (check.n_train, check.n_test) == (13, 8 + 3)
     (tmp_path / "part" / "abnormal" / "hole_000.png").unlink()
-    with pytest.raises(HarnessError, match="hole_000_mask.png: mask without an image"):
+    with pytest.raises(HarnessError, match=r"hole_000_mask\.png: mask without an image"):
         check_data(spec, "part")
-    with pytest.raises(HarnessError, match="no anomalous images in .*missing"):
+    with pytest.raises(HarnessError, match=r"no anomalous images in .*missing"):
         check_data(spec.model_copy(update={"abnormal_dir": "missing"}), "part")
 
 

@@ -47,9 +47,7 @@ def test_bad_weights_file(tmp_path: Path, content: object, message: str) -> None
         load_backbone_weights("resnet18", str(path))
 
 
-def test_pretrained_without_hub_fails_fast_naming_the_ways_out(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_pretrained_without_hub_fails_fast_naming_the_ways_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine has
     t0 = time.perf_counter()

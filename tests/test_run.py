@@ -23,12 +23,38 @@ MODELS = ["patchcore", "ganomaly"]
 
 # DESIGN.md: the fields every record must hold.
 REQUIRED = {
-    "schema", "run_id", "sweep", "study", "model", "params", "category", "seed", "repeat", "status",
-    "error", "metrics", "predictions", "timing", "memory", "environment",
+    "schema",
+    "run_id",
+    "sweep",
+    "study",
+    "model",
+    "params",
+    "category",
+    "seed",
+    "repeat",
+    "status",
+    "error",
+    "metrics",
+    "predictions",
+    "timing",
+    "memory",
+    "environment",
 }
 REQUIRED_ENV = {
-    "host", "platform", "python", "torch", "torchvision", "anomalib", "cuda", "cudnn", "device", "gpu_name",
-    "cpu_model", "threads", "determinism", "hardware_id",
+    "host",
+    "platform",
+    "python",
+    "torch",
+    "torchvision",
+    "anomalib",
+    "cuda",
+    "cudnn",
+    "device",
+    "gpu_name",
+    "cpu_model",
+    "threads",
+    "determinism",
+    "hardware_id",
 }
 
 
@@ -37,22 +63,27 @@ def test_record_is_complete_and_stored_atomically(model: str, synth_root: Path, 
     record = run_one(make_run_spec(model, synth_root))
     doc = record.to_json()
     assert doc["status"] == "ok", doc["error"]
-    assert REQUIRED <= doc.keys()
-    assert REQUIRED_ENV <= doc["environment"].keys()
-    assert doc["environment"]["device"] == "cpu" and doc["environment"]["threads"] == 2
+    assert doc.keys() >= REQUIRED
+    assert doc["environment"].keys() >= REQUIRED_ENV
+    assert doc["environment"]["device"] == "cpu"
+    assert doc["environment"]["threads"] == 2
     assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max"} <= doc["metrics"].keys()
     pred = doc["predictions"]
     assert len(pred["image_scores"]) == len(pred["labels"]) == len(pred["image_paths"]) == 12
-    assert pred["image_paths"] == sorted(pred["image_paths"]) and pred["image_paths"][0] == "test/good/000.png"
+    assert pred["image_paths"] == sorted(pred["image_paths"])
+    assert pred["image_paths"][0] == "test/good/000.png"
     assert sum(pred["labels"]) == 8
-    assert doc["timing"]["fit_s"] > 0 and doc["timing"]["latency_ms_per_image"] > 0
+    assert doc["timing"]["fit_s"] > 0
+    assert doc["timing"]["latency_ms_per_image"] > 0
     assert doc["memory"]["peak_rss_bytes"] > 100 * 2**20
     assert doc["params"]["data"]["sha256"] == doc["data"]["sha256"]
     assert "root" not in doc["params"]["data"], "a path is not part of what defines a run"
     if model == "ganomaly":
-        assert doc["metrics"]["pixel_AUROC"] is None and pred["maps_sha256"] is None
+        assert doc["metrics"]["pixel_AUROC"] is None
+        assert pred["maps_sha256"] is None
     else:
-        assert 0 <= doc["metrics"]["pixel_AUROC"] <= 1 and pred["maps_sha256"]
+        assert 0 <= doc["metrics"]["pixel_AUROC"] <= 1
+        assert pred["maps_sha256"]
     store = ResultsStore(tmp_path / "results")
     path = store.put(doc)
     assert path == tmp_path / "results" / "test" / "runs" / f"{doc['run_id']}.json"
@@ -78,7 +109,8 @@ def test_image_auroc_recomputes_from_stored_scores(model: str, synth_root: Path)
 def test_pixel_auroc_matches_sklearn_on_the_raw_maps(synth_root: Path, tmp_path: Path) -> None:
     pred, _, _, _ = fit_and_predict(make_run_spec("patchcore", synth_root), "cpu", tmp_path)
     metrics = compute_metrics(pred)
-    assert pred.maps is not None and pred.masks is not None
+    assert pred.maps is not None
+    assert pred.masks is not None
     assert pred.maps.shape == pred.masks.shape == (12, 64, 64)
     expected = roc_auc_score(pred.masks.reshape(-1), pred.maps.reshape(-1))
     assert abs(metrics["pixel_AUROC"] - expected) < 1e-6
@@ -90,7 +122,8 @@ def test_same_seed_is_bit_identical(model: str, synth_root: Path) -> None:
     a = run_one(make_run_spec(model, synth_root, repeat=0))
     b = run_one(make_run_spec(model, synth_root, repeat=1))
     assert a.run_id != b.run_id
-    assert a.predictions and b.predictions
+    assert a.predictions
+    assert b.predictions
     assert a.predictions.model_sha256 == b.predictions.model_sha256
     assert a.predictions.scores_sha256 == b.predictions.scores_sha256
     assert a.predictions.maps_sha256 == b.predictions.maps_sha256
@@ -107,7 +140,8 @@ def test_scores_do_not_depend_on_test_batch_size(model: str, synth_root: Path) -
     """
     small = run_one(make_run_spec(model, synth_root, eval_batch_size=3))
     whole = run_one(make_run_spec(model, synth_root, eval_batch_size=32))
-    assert small.predictions and whole.predictions
+    assert small.predictions
+    assert whole.predictions
     assert small.predictions.model_sha256 == whole.predictions.model_sha256
     np.testing.assert_allclose(small.predictions.image_scores, whole.predictions.image_scores, rtol=1e-5)
     assert np.argsort(small.predictions.image_scores).tolist() == np.argsort(whole.predictions.image_scores).tolist()
@@ -131,22 +165,29 @@ def test_seed_reaches_the_patchcore_coreset(synth_root: Path, tmp_path: Path) ->
 def test_failure_during_training_is_a_failed_record(synth_root: Path) -> None:
     record = run_one(make_run_spec("patchcore", synth_root, model_args={"coreset_sampling_ratio": 0.0001}))
     assert record.status == "failed"
-    assert record.error and "coreset_size must be a positive integer" in record.error
-    assert record.metrics == {} and record.predictions is None
+    assert record.error
+    assert "coreset_size must be a positive integer" in record.error
+    assert record.metrics == {}
+    assert record.predictions is None
 
 
 def test_collect_orders_by_path_whatever_the_batches() -> None:
     def batch(paths: list[str], scores: list[float]) -> SimpleNamespace:
         n = len(paths)
-        return SimpleNamespace(image_path=[f"/r/cat/{p}" for p in paths], pred_score=torch.tensor(scores),
-                               gt_label=torch.tensor([p.startswith("test/bad") for p in paths]),
-                               anomaly_map=torch.arange(n * 4, dtype=torch.float32).reshape(n, 2, 2) + scores[0],
-                               gt_mask=torch.zeros(n, 2, 2))
+        return SimpleNamespace(
+            image_path=[f"/r/cat/{p}" for p in paths],
+            pred_score=torch.tensor(scores),
+            gt_label=torch.tensor([p.startswith("test/bad") for p in paths]),
+            anomaly_map=torch.arange(n * 4, dtype=torch.float32).reshape(n, 2, 2) + scores[0],
+            gt_mask=torch.zeros(n, 2, 2),
+        )
 
-    a = collect([batch(["test/good/1.png", "test/bad/0.png"], [0.1, 0.9]), batch(["test/good/0.png"], [0.2])],
-                Path("/r/cat"))
-    b = collect([batch(["test/good/0.png"], [0.2]), batch(["test/bad/0.png", "test/good/1.png"], [0.9, 0.1])],
-                Path("/r/cat"))
+    a = collect(
+        [batch(["test/good/1.png", "test/bad/0.png"], [0.1, 0.9]), batch(["test/good/0.png"], [0.2])], Path("/r/cat")
+    )
+    b = collect(
+        [batch(["test/good/0.png"], [0.2]), batch(["test/bad/0.png", "test/good/1.png"], [0.9, 0.1])], Path("/r/cat")
+    )
     assert a.paths == b.paths == ["test/bad/0.png", "test/good/0.png", "test/good/1.png"]
     assert a.scores.tolist() == b.scores.tolist() == pytest.approx([0.9, 0.2, 0.1])
     assert a.labels.tolist() == [1, 0, 0]

@@ -79,11 +79,21 @@ def test_run_id_is_stable_and_separates_what_differs() -> None:
     assert make_run_id(expand(moved)[0], "hw1") == make_run_id(a, "hw1"), "the data's path is not its identity"
 
 
+def test_params_hold_no_paths() -> None:
+    weights = [expand(validate_spec({**BASE, "model_args": {"weights": f"{d}/r18.pth"}}))[0] for d in ("/a", "/b")]
+    assert weights[0].params() == weights[1].params()
+    assert weights[0].params()["model_args"]["weights"] == "r18.pth"
+    assert "root" not in weights[0].params()["data"]
+    hub = expand(validate_spec(BASE))[0]
+    assert make_run_id(hub, "hw") != make_run_id(weights[0], "hw"), "a weights file is another run than the hub"
+
+
 def test_load_spec_file(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("model: ganomaly\ndata: {root: /d, categories: [a]}\nmodel_args: {max_epochs: 3}\n")
     spec = load_spec(path, ["model_args.lr=0.001"])
-    assert spec.model_params()["lr"] == 0.001 and spec.model_params()["max_epochs"] == 3
+    assert spec.model_params()["lr"] == 0.001
+    assert spec.model_params()["max_epochs"] == 3
     path.write_text("model: [unclosed\n")
     with pytest.raises(HarnessError, match="not valid YAML"):
         load_spec(path)

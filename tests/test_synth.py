@@ -26,7 +26,8 @@ def test_layout_and_counts(tmp_path: Path) -> None:
             assert len(images) == 2
             assert masks == [f"{stem}_mask" for stem in images]
         img = Image.open(tmp_path / cat / "train" / "good" / "000.png")
-        assert img.size == (48, 48) and img.mode == "RGB"
+        assert img.size == (48, 48)
+        assert img.mode == "RGB"
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:
@@ -48,8 +49,9 @@ def test_growing_the_set_keeps_existing_images(tmp_path: Path) -> None:
 
 def test_categories_look_different(tmp_path: Path) -> None:
     synth(tmp_path, tuple(PATTERNS), n_train=1, n_test=2, seed=0)
-    means = [np.asarray(Image.open(tmp_path / c / "train/good/000.png"), float).std(axis=(0, 1)).sum()
-             for c in PATTERNS]
+    means = [
+        np.asarray(Image.open(tmp_path / c / "train/good/000.png"), float).std(axis=(0, 1)).sum() for c in PATTERNS
+    ]
     assert len({round(m) for m in means}) == len(PATTERNS)
 
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from torch import nn
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
 
 
 class ModelArgs(BaseModel):
@@ -35,7 +36,7 @@ class ModelAdapter(Protocol):
         ...
 
     def build(
-        self, args: Any, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
+        self, args: Any, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
     ) -> Any:
         """The anomalib module, with the harness's shared pre- and post-processing."""
         ...

@@ -14,7 +14,8 @@ from pydantic import Field
 from harness.models import ModelArgs, register_model
 
 if TYPE_CHECKING:
-    from torch import nn
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
 
 
 class GanomalyArgs(ModelArgs):
@@ -42,7 +43,7 @@ class Ganomaly:
         pass  # nothing outside the data to check: no pretrained parts
 
     def build(
-        self, args: GanomalyArgs, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
+        self, args: GanomalyArgs, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
     ) -> Any:
         from anomalib.models import Ganomaly as AnomalibGanomaly
 

@@ -13,6 +13,8 @@ from harness.errors import HarnessError
 from harness.models import ModelArgs, register_model
 
 if TYPE_CHECKING:
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
     from torch import nn
 
 Layer = Literal["layer1", "layer2", "layer3", "layer4"]
@@ -52,7 +54,9 @@ def load_backbone_weights(backbone: str, path: str) -> nn.Module:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a non-checkpoint file
-        raise HarnessError(f"model_args.weights: {file} is not a torch weights file ({exc.__class__.__name__})") from None
+        raise HarnessError(
+            f"model_args.weights: {file} is not a torch weights file ({exc.__class__.__name__})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     module = getattr(torchvision.models, backbone)(weights=None)
@@ -73,7 +77,10 @@ def ensure_pretrained_reachable(backbone: str) -> bool:
     import timm
     from huggingface_hub import try_to_load_from_cache
 
-    repo = timm.models.get_pretrained_cfg(backbone).hf_hub_id
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    repo = cfg.hf_hub_id if cfg else None
+    if not repo:
+        raise HarnessError(f"timm knows no pretrained weights for {backbone}; {_WAYS_OUT}")
     for filename in ("model.safetensors", "pytorch_model.bin"):
         if isinstance(try_to_load_from_cache(repo, filename), str):
             return True
@@ -100,7 +107,7 @@ class Patchcore:
             ensure_pretrained_reachable(args.backbone)
 
     def build(
-        self, args: PatchcoreArgs, *, pre_processor: nn.Module, post_processor: nn.Module, train_batch_size: int
+        self, args: PatchcoreArgs, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
     ) -> Any:
         from anomalib.models import Patchcore as AnomalibPatchcore
 
