@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,23 @@ def make_run_spec(
         "seeds": [seed],
     }
     return run_spec(validate_spec(raw), category, seed, repeat, "cpu")
+
+
+def folder_layout(src: Path, dst: Path, masks: bool) -> None:
+    """A user's own images: normal/, abnormal/, masks/ (flat), as additive-manufacturing data comes."""
+    cat = dst / "part"
+    (cat / "normal").mkdir(parents=True)
+    (cat / "abnormal").mkdir()
+    for p in (src / "train" / "good").glob("*.png"):
+        shutil.copy(p, cat / "normal" / p.name)
+    for defect_dir in (src / "test").iterdir():
+        if defect_dir.name == "good":
+            continue
+        for p in defect_dir.glob("*.png"):
+            shutil.copy(p, cat / "abnormal" / f"{defect_dir.name}_{p.name}")
+            if masks:
+                (cat / "masks").mkdir(exist_ok=True)
+                shutil.copy(
+                    src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
+                    cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png",
+                )

@@ -8,6 +8,7 @@ import pytest
 from harness.datasets import check_data
 from harness.errors import HarnessError
 from harness.spec import DataSpec
+from tests.conftest import folder_layout
 
 
 def _spec(root: Path, **kw: object) -> DataSpec:
@@ -73,28 +74,8 @@ def test_defect_image_without_mask(own_root: Path) -> None:
         check_data(_spec(own_root), "disc")
 
 
-def _folder_layout(src: Path, dst: Path, masks: bool) -> None:
-    """A user's own images: normal/, abnormal/, masks/ (flat), as additive-manufacturing data comes."""
-    cat = dst / "part"
-    (cat / "normal").mkdir(parents=True)
-    (cat / "abnormal").mkdir()
-    for p in (src / "train" / "good").glob("*.png"):
-        shutil.copy(p, cat / "normal" / p.name)
-    for defect_dir in (src / "test").iterdir():
-        if defect_dir.name == "good":
-            continue
-        for p in defect_dir.glob("*.png"):
-            shutil.copy(p, cat / "abnormal" / f"{defect_dir.name}_{p.name}")
-            if masks:
-                (cat / "masks").mkdir(exist_ok=True)
-                shutil.copy(
-                    src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
-                    cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png",
-                )
-
-
 def test_folder_format(synth_root: Path, tmp_path: Path) -> None:
-    _folder_layout(synth_root / "disc", tmp_path, masks=True)
+    folder_layout(synth_root / "disc", tmp_path, masks=True)
     spec = DataSpec(
         format="folder",
         root=str(tmp_path),

@@ -16,7 +16,7 @@ from harness.evaluate import collect, compute_metrics
 from harness.record import RunRecord
 from harness.run import fit_and_predict, run_one
 from harness.store import ResultsStore
-from tests.conftest import make_run_spec
+from tests.conftest import folder_layout, make_run_spec
 
 pytestmark = pytest.mark.slow
 MODELS = ["patchcore", "ganomaly"]
@@ -160,6 +160,25 @@ def test_seed_reaches_the_patchcore_coreset(synth_root: Path, tmp_path: Path) ->
     assert hashes[0] != hashes[1], "different seeds must pick different memory banks"
     assert hashes[0] == hashes[2]
     assert runs[0].params["model_args"]["weights_sha256"] == runs[1].params["model_args"]["weights_sha256"]
+
+
+def test_folder_format_runs_through_the_same_pipeline(synth_root: Path, tmp_path: Path) -> None:
+    folder_layout(synth_root / "disc", tmp_path, masks=True)
+    spec = make_run_spec(
+        "patchcore",
+        tmp_path,
+        category="part",
+        format="folder",
+        normal_dir="normal",
+        abnormal_dir="abnormal",
+        mask_dir="masks",
+    )
+    record = run_one(spec)
+    assert record.status == "ok", record.error
+    assert record.predictions
+    assert sum(record.predictions.labels) == 8
+    assert len(record.predictions.labels) == 8 + 3, "20% of the 16 normal images are held out for test"
+    assert record.metrics["pixel_AUROC"] is not None
 
 
 def test_failure_during_training_is_a_failed_record(synth_root: Path) -> None:
