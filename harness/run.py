@@ -210,8 +210,8 @@ def run_one(spec: RunSpec) -> RunRecord:
     adapter = get_model(spec.model)
     data = check_data(spec.data, spec.category)
     adapter.check(adapter.Args.model_validate(spec.model_args))
+    device = resolve_device(spec.device)
     with quiet():
-        device = resolve_device(spec.device)
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
         env = fingerprint(device, spec.resources.cpu)
         started = _now()

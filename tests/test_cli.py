@@ -77,6 +77,7 @@ BAD_INPUTS = [
     ("not an image", ["--category", "disc"], _corrupt_image, "000.png: not a readable image"),
     ("empty train dir", ["--category", "disc"], _empty_train, "no training images"),
     ("mask without image", ["--category", "disc"], _mask_without_image, "001_mask.png: mask without an image"),
+    ("no such device", ["--category", "disc", "--device", "cuda"], None, "no CUDA device is visible"),
     (
         "pretrained offline",
         ["--category", "disc", "--set", "model_args.pre_trained=true"],
@@ -99,17 +100,9 @@ def test_bad_input_is_one_line_and_stores_nothing(
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     model = [] if "--model" in args else ["--model", "patchcore"]
     root = [] if "--data-root" in args else ["--data-root", str(own_root)]
-    out = harness(
-        "run",
-        *model,
-        *root,
-        *args,
-        *SMALL,
-        "--set",
-        "model_args.pre_trained=false" if case != "pretrained offline" else "name=test",
-        "--results",
-        results,
-    )
+    # Later --set wins: a case's own args come after the test-size defaults.
+    defaults = [*SMALL, "--set", "model_args.pre_trained=false"]
+    out = harness("run", *model, *root, *defaults, *args, "--results", results)
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
