@@ -117,7 +117,6 @@ class MemoryMonitor:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Keep Lightning's banners, tips and progress bars out of the CLI's one-line output."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Lightning's packages set their loggers' levels when imported: import them first.
@@ -196,10 +195,11 @@ def fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicte
 
 
 def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
-    """Settings plus the content hashes of what a path points at (data, weights file)."""
+    """Settings plus content hashes of what they point at: the data, the pretrained weights."""
     params = spec.params()
     params["data"]["sha256"] = data.sha256
-    weights = spec.model_args.get("weights")
+    adapter = get_model(spec.model)
+    weights = adapter.weights_file(adapter.Args.model_validate(spec.model_args))
     if weights:
         params["model_args"] = {**params["model_args"], "weights_sha256": sha256_file(weights)}
     return params
@@ -207,6 +207,7 @@ def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
 
 def run_one(spec: RunSpec) -> RunRecord:
     """Run one point of a study and return its record (the caller stores it)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: before any import of it
     adapter = get_model(spec.model)
     data = check_data(spec.data, spec.category)
     adapter.check(adapter.Args.model_validate(spec.model_args))

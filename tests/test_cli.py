@@ -196,3 +196,44 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert sorted(r["model"] for r in records) == ["ganomaly", "patchcore"]
     assert all(r["status"] == "ok" for r in records)
     assert out.stdout.count(" -> ") == 2
+
+
+@pytest.mark.slow
+def test_pretrained_weights_come_from_the_local_hub_cache(synth_root: Path, tmp_path: Path) -> None:
+    """An air-gapped node with a pre-filled Hugging Face cache runs `pre_trained: true` offline."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from harness.hashing import sha256_file
+
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(11)  # stand-in weights: the real ones cannot be fetched here
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(snapshot / "model.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        "--model",
+        "patchcore",
+        "--data-root",
+        str(synth_root),
+        "--category",
+        "disc",
+        *SMALL,
+        "--results",
+        str(tmp_path / "r"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "", "no progress bars or banners on a successful run"
+    (path,) = (tmp_path / "r").glob("test/runs/*.json")
+    args = json.loads(path.read_text())["params"]["model_args"]
+    assert args["pre_trained"] is True
+    assert args["weights_sha256"] == sha256_file(str(snapshot / "model.safetensors"))

@@ -41,6 +41,10 @@ class ModelAdapter(Protocol):
         """The anomalib module, with the harness's shared pre- and post-processing."""
         ...
 
+    def weights_file(self, args: Any) -> str | None:
+        """The local file of pretrained weights the model loads (after a run: also from the hub cache)."""
+        ...
+
     def max_epochs(self, args: Any) -> int:
         """Epochs for Engine.fit."""
         ...

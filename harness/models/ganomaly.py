@@ -65,5 +65,8 @@ class Ganomaly:
             visualizer=False,
         )
 
+    def weights_file(self, args: GanomalyArgs) -> str | None:
+        return None
+
     def max_epochs(self, args: GanomalyArgs) -> int:
         return args.max_epochs

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -68,12 +70,8 @@ def load_backbone_weights(backbone: str, path: str) -> nn.Module:
     return module
 
 
-def ensure_pretrained_reachable(backbone: str) -> bool:
-    """Fail fast, naming the ways out, when pretrained weights can be neither read nor fetched.
-
-    Without this timm retries the hub for about a minute before failing. Returns whether the
-    weights are already in the local cache (then the build runs with the hub offline).
-    """
+def cached_hub_weights(backbone: str) -> str | None:
+    """The local file of timm's pretrained weights for ``backbone``, if the hub cache has it."""
     import timm
     from huggingface_hub import try_to_load_from_cache
 
@@ -82,8 +80,20 @@ def ensure_pretrained_reachable(backbone: str) -> bool:
     if not repo:
         raise HarnessError(f"timm knows no pretrained weights for {backbone}; {_WAYS_OUT}")
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(repo, filename), str):
-            return True
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def ensure_pretrained_reachable(backbone: str) -> bool:
+    """Fail fast, naming the ways out, when pretrained weights can be neither read nor fetched.
+
+    Without this timm retries the hub for about a minute before failing. Returns whether the
+    weights are already in the local cache (then the build runs with the hub offline).
+    """
+    if cached_hub_weights(backbone):
+        return True
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
     else:
@@ -93,6 +103,26 @@ def ensure_pretrained_reachable(backbone: str) -> bool:
         except OSError:
             reason = "huggingface.co cannot be reached"
     raise HarnessError(f"pretrained {backbone} weights unavailable: {reason}; {_WAYS_OUT}")
+
+
+@contextlib.contextmanager
+def hub_offline(enabled: bool) -> Iterator[None]:
+    """Keep timm off the network while it loads cached weights.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, so the flag is set on its
+    constants module, not in the environment.
+    """
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 @register_model("patchcore")
@@ -112,15 +142,12 @@ class Patchcore:
         from anomalib.models import Patchcore as AnomalibPatchcore
 
         backbone: str | nn.Module = args.backbone
-        offline = False
+        cached = False
         if args.weights:
             backbone = load_backbone_weights(args.backbone, args.weights)
         elif args.pre_trained:
-            offline = ensure_pretrained_reachable(args.backbone)
-        saved = os.environ.get("HF_HUB_OFFLINE")
-        if offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
+            cached = ensure_pretrained_reachable(args.backbone)
+        with hub_offline(cached):
             return AnomalibPatchcore(
                 backbone=backbone,  # type: ignore[arg-type]  # anomalib accepts an nn.Module
                 layers=args.layers,
@@ -132,12 +159,11 @@ class Patchcore:
                 evaluator=False,
                 visualizer=False,
             )
-        finally:
-            if offline:
-                if saved is None:
-                    os.environ.pop("HF_HUB_OFFLINE", None)
-                else:
-                    os.environ["HF_HUB_OFFLINE"] = saved
+
+    def weights_file(self, args: PatchcoreArgs) -> str | None:
+        if args.weights:
+            return args.weights
+        return cached_hub_weights(args.backbone) if args.pre_trained else None
 
     def max_epochs(self, args: PatchcoreArgs) -> int:
         return 1
