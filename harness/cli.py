@@ -131,7 +131,7 @@ _RUN_FLAG_KEYS = {
 def _format_summary(record: Any, path: Path) -> str:
     head = f"{record.model} {record.category} seed={record.seed} repeat={record.repeat}"
     if record.status == "failed":
-        return f"FAILED {head}: {record.error} -> {path}"
+        return f"FAILED {head}: {record.error.splitlines()[0]} -> {path}"
     metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items()) if v is not None)
     t, m = record.timing, record.memory
     return (

@@ -8,6 +8,7 @@ test set was batched, and the numbers are anomalib's.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,9 +84,10 @@ def compute_metrics(pred: Predicted) -> dict[str, float | None]:
     import torch
     from anomalib.metrics import AUPRO, AUROC, F1Max
 
-    def run(metric: Any, **fields: np.ndarray) -> float:
+    def run(metric: Any, **fields: np.ndarray) -> float | None:
         metric.update(SimpleNamespace(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fields.items()}))
-        return float(metric.compute())
+        value = float(metric.compute())
+        return value if math.isfinite(value) else None  # undefined, not a number to average
 
     image = {"pred_score": pred.scores, "gt_label": pred.labels}
     out: dict[str, float | None] = {

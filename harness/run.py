@@ -29,7 +29,7 @@ from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
 from harness.fingerprint import fingerprint
 from harness.hashing import sha256_file, stable_hash, state_sha256
-from harness.models import get_model
+from harness.models import ModelArgs, get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing
 from harness.spec import RunSpec
 
@@ -155,7 +155,7 @@ def _pre_processor(image_size: int) -> Any:
     return PreProcessor(transform=transform)
 
 
-def fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicted, str, float, float]:
+def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) -> tuple[Predicted, str, float, float]:
     """Train through anomalib's Engine and predict the test split.
 
     Returns the raw outputs, the trained model's state hash, and fit and test seconds.
@@ -164,7 +164,6 @@ def fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicte
     from anomalib.post_processing import PostProcessor
 
     adapter = get_model(spec.model)
-    args = adapter.Args.model_validate(spec.model_args)
     model = adapter.build(
         args,
         pre_processor=_pre_processor(spec.data.image_size),
@@ -194,12 +193,11 @@ def fit_and_predict(spec: RunSpec, device: str, workdir: Path) -> tuple[Predicte
     return pred, state_sha256(model.model), fit_s, test_s
 
 
-def _params(spec: RunSpec, data: DataCheck) -> dict[str, Any]:
+def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
     """Settings plus content hashes of what they point at: the data, the pretrained weights."""
     params = spec.params()
     params["data"]["sha256"] = data.sha256
-    adapter = get_model(spec.model)
-    weights = adapter.weights_file(adapter.Args.model_validate(spec.model_args))
+    weights = get_model(spec.model).weights_file(args)
     if weights:
         params["model_args"] = {**params["model_args"], "weights_sha256": sha256_file(weights)}
     return params
@@ -209,8 +207,9 @@ def run_one(spec: RunSpec) -> RunRecord:
     """Run one point of a study and return its record (the caller stores it)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: before any import of it
     adapter = get_model(spec.model)
+    args = adapter.Args.model_validate(spec.model_args)
     data = check_data(spec.data, spec.category)
-    adapter.check(adapter.Args.model_validate(spec.model_args))
+    adapter.check(args)
     device = resolve_device(spec.device)
     with quiet():
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
@@ -224,7 +223,7 @@ def run_one(spec: RunSpec) -> RunRecord:
         fit_s = test_s = 0.0
         with MemoryMonitor(device) as mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
-                pred, model_sha256, fit_s, test_s = fit_and_predict(spec, device, Path(workdir))
+                pred, model_sha256, fit_s, test_s = fit_and_predict(spec, args, device, Path(workdir))
                 metrics = compute_metrics(pred)
             except HarnessError:
                 raise
@@ -237,7 +236,7 @@ def run_one(spec: RunSpec) -> RunRecord:
         sweep=spec.sweep,
         study=spec.study,
         model=spec.model,
-        params=_params(spec, data),
+        params=_params(spec, args, data),
         category=spec.category,
         seed=spec.seed,
         repeat=spec.repeat,

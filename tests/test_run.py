@@ -13,6 +13,7 @@ import torchvision
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from harness.evaluate import collect, compute_metrics
+from harness.models.patchcore import PatchcoreArgs
 from harness.record import RunRecord
 from harness.run import fit_and_predict, run_one
 from harness.store import ResultsStore
@@ -107,7 +108,8 @@ def test_image_auroc_recomputes_from_stored_scores(model: str, synth_root: Path)
 
 
 def test_pixel_auroc_matches_sklearn_on_the_raw_maps(synth_root: Path, tmp_path: Path) -> None:
-    pred, _, _, _ = fit_and_predict(make_run_spec("patchcore", synth_root), "cpu", tmp_path)
+    spec = make_run_spec("patchcore", synth_root)
+    pred, _, _, _ = fit_and_predict(spec, PatchcoreArgs.model_validate(spec.model_args), "cpu", tmp_path)
     metrics = compute_metrics(pred)
     assert pred.maps is not None
     assert pred.masks is not None
