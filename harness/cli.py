@@ -163,11 +163,12 @@ def execute_run(
     spec = validate_spec(apply_overrides(raw, parsed))
     if repeat < 0:
         raise HarnessError(f"--repeat must be >= 0, got {repeat}")
+    store = ResultsStore(results or default_results_dir())
+    store.check_writable()
     from harness.run import run_one
 
     record = run_one(run_spec(spec, category, seed, repeat, device))  # type: ignore[arg-type]
-    path = ResultsStore(results or default_results_dir()).put(record.to_json())
-    return record, path
+    return record, store.put(record.to_json())
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         _reexec_with_malloc_env(args)
     try:
         return COMMANDS[name](ns)
-    except HarnessError as exc:
+    except (HarnessError, OSError) as exc:  # OSError: an unwritable output, a full disk
         print(f"harness {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -20,7 +20,10 @@ from harness.errors import HarnessError
 if TYPE_CHECKING:
     from harness.spec import DataSpec
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# What anomalib reads: MVTecAD takes exactly these suffixes; Folder takes torchvision's
+# IMG_EXTENSIONS in any case, searching each directory recursively.
+MVTEC_SUFFIXES = (".png", ".PNG")
+FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The split of a folder data set and any validation split are fixed, not the run's seed:
 # every seed of a study must be scored on the same test images.
 DATA_SPLIT_SEED = 0
@@ -32,19 +35,20 @@ MVTEC_LAYOUT = (
 
 @dataclass(frozen=True)
 class DataCheck:
-    """What a checked category holds: counts, and a content hash that identifies the data."""
+    """A checked category: where it is and a content hash that identifies it."""
 
     root: Path
     category: str
-    n_train: int
-    n_test: int
     sha256: str
 
 
-def _images(directory: Path) -> list[Path]:
+def _files(directory: Path, suffixes: tuple[str, ...], recursive: bool) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    lowered = {x.lower() for x in suffixes}
+    # Sorted as strings, as anomalib sorts them (Path order differs, e.g. for 'a-b' vs 'a/b').
+    return sorted((p for p in found if p.is_file() and p.suffix.lower() in lowered), key=str)
 
 
 def _hash_and_verify(files: list[Path], base: Path) -> str:
@@ -74,37 +78,44 @@ def _category_dir(root: Path, category: str, layout: str) -> Path:
     return cat_dir
 
 
-def _check_masks(masks: list[Path], images: list[Path], where: Path) -> None:
-    stems = {p.stem for p in images}
-    for mask in masks:
-        stem = mask.stem.removesuffix("_mask")
-        if stem not in stems:
-            raise HarnessError(f"{mask}: mask without an image (no {stem}.* in {where})")
-    mask_stems = {m.stem.removesuffix("_mask") for m in masks}
-    for image in images:
-        if image.stem not in mask_stems:
-            raise HarnessError(f"{image}: defect image without a mask in {masks[0].parent if masks else where}")
+def _check_masks(images: list[Path], masks: list[Path]) -> None:
+    """Masks pair with anomalous images as anomalib pairs them: one to one, both sorted by
+    path, each image's stem inside its mask's stem. The first file out of step is named."""
+    rule = "masks pair one to one with anomalous images, both in sorted order"
+    for i in range(max(len(images), len(masks))):
+        if i < len(images) and i < len(masks) and images[i].stem in masks[i].stem:
+            continue
+        if len(masks) > len(images):
+            raise HarnessError(f"{masks[i]}: mask without an image ({rule})")
+        if len(images) > len(masks):
+            raise HarnessError(f"{images[i]}: defect image without a mask ({rule})")
+        raise HarnessError(f"{masks[i]}: does not match {images[i].name} ({rule}; name it {images[i].stem}_mask)")
 
 
 def check_mvtec(root: Path, category: str) -> DataCheck:
     """Check one category of an MVTec-layout root; raise a one-line error for what is wrong."""
     cat_dir = _category_dir(root, category, MVTEC_LAYOUT)
-    train = _images(cat_dir / "train" / "good")
+    everything = _files(cat_dir, FOLDER_SUFFIXES, recursive=True)
+    for path in everything:
+        parts = path.relative_to(cat_dir).parts
+        if path.suffix not in MVTEC_SUFFIXES:
+            raise HarnessError(f"{path}: the MVTec layout is read as .png only; convert it or use data.format=folder")
+        if (
+            len(parts) != 3
+            or parts[0] not in ("train", "test", "ground_truth")
+            or parts[:2] == ("ground_truth", "good")
+        ):
+            raise HarnessError(f"{path}: outside the layout; {MVTEC_LAYOUT}")
+    train = [p for p in everything if p.relative_to(cat_dir).parts[0] == "train"]
     if not train:
         raise HarnessError(f"no training images in {cat_dir / 'train' / 'good'}; {MVTEC_LAYOUT}")
-    test_dir = cat_dir / "test"
-    kinds = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-    test = [img for kind in kinds for img in _images(test_dir / kind)]
-    if not _images(test_dir / "good") or not any(_images(test_dir / k) for k in kinds if k != "good"):
-        raise HarnessError(f"{test_dir} needs good and defective test images for AUROC; {MVTEC_LAYOUT}")
-    masks: list[Path] = []
-    gt_dir = cat_dir / "ground_truth"
-    gt_kinds = [p.name for p in gt_dir.iterdir() if p.is_dir()] if gt_dir.is_dir() else []
-    for kind in sorted({*(k for k in kinds if k != "good"), *gt_kinds}):
-        kind_masks = _images(gt_dir / kind)
-        _check_masks(kind_masks, _images(test_dir / kind), test_dir / kind)
-        masks += kind_masks
-    return DataCheck(root, category, len(train), len(test), _hash_and_verify(train + test + masks, cat_dir))
+    test = [p for p in everything if p.relative_to(cat_dir).parts[0] == "test"]
+    defects = [p for p in test if p.parent.name != "good"]
+    if len(defects) in (0, len(test)):
+        raise HarnessError(f"{cat_dir / 'test'} needs good and defective test images for AUROC; {MVTEC_LAYOUT}")
+    masks = [p for p in everything if p.relative_to(cat_dir).parts[0] == "ground_truth"]
+    _check_masks(defects, masks)
+    return DataCheck(root, category, _hash_and_verify(everything, cat_dir))
 
 
 def check_folder(root: Path, category: str, data: DataSpec) -> DataCheck:
@@ -115,20 +126,22 @@ def check_folder(root: Path, category: str, data: DataSpec) -> DataCheck:
         + (f", ROOT/<category>/{data.mask_dir}/ (masks)" if data.mask_dir else "")
     )
     cat_dir = _category_dir(root, category, layout)
-    normal = _images(cat_dir / data.normal_dir)
-    if not normal:
-        raise HarnessError(f"no normal images in {cat_dir / data.normal_dir}; {layout}")
-    abnormal = _images(cat_dir / data.abnormal_dir)
-    if not abnormal:
-        raise HarnessError(f"no anomalous images in {cat_dir / data.abnormal_dir}; {layout}")
-    normal_test = _images(cat_dir / data.normal_test_dir) if data.normal_test_dir else []
-    masks = _images(cat_dir / data.mask_dir) if data.mask_dir else []
-    if data.mask_dir:
-        _check_masks(masks, abnormal, cat_dir / data.abnormal_dir)
-    n_held_out = 0 if normal_test else round(len(normal) * data.normal_split_ratio)
-    sha = _hash_and_verify(normal + abnormal + normal_test + masks, cat_dir)
-    n_test = len(abnormal) + len(normal_test) + n_held_out
-    return DataCheck(root, category, len(normal) - n_held_out, n_test, sha)
+    dirs = {
+        "normal": data.normal_dir,
+        "anomalous": data.abnormal_dir,
+        "normal test": data.normal_test_dir,
+        "mask": data.mask_dir,
+    }
+    found: dict[str, list[Path]] = {}
+    for kind, name in dirs.items():
+        if name is None:
+            continue
+        found[kind] = _files(cat_dir / name, FOLDER_SUFFIXES, recursive=True)
+        if not found[kind]:
+            raise HarnessError(f"no {kind} images in {cat_dir / name}; {layout}")
+    if "mask" in found:
+        _check_masks(found["anomalous"], found["mask"])
+    return DataCheck(root, category, _hash_and_verify([p for v in found.values() for p in v], cat_dir))
 
 
 def check_data(data: DataSpec, category: str) -> DataCheck:
@@ -164,6 +177,8 @@ def build_datamodule(data: DataSpec, category: str) -> Any:
         abnormal_dir=data.abnormal_dir,
         mask_dir=data.mask_dir,
         normal_test_dir=data.normal_test_dir,
+        # anomalib's Folder keeps `normal_split_ratio` but splits by `test_split_ratio`.
         normal_split_ratio=data.normal_split_ratio,
+        test_split_ratio=data.normal_split_ratio,
         **common,
     )

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
+
+
+@functools.cache
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file; mkstemp's 0600 would hide records from
+    other users and from workers running under another uid."""
+    return 0o666 & ~_umask()
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -22,9 +42,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """JSON with sorted keys and a trailing newline, so equal records are equal bytes."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, marker: str) -> Iterator[Path]:
+    """Build a directory aside, then swap it in for ``final`` whole.
+
+    ``final`` is replaced only if it holds ``marker`` (it was made this way before), so a
+    directory of someone else's is never deleted. A crash leaves at most a hidden temp dir.
+    """
+    if final.exists() and not (final / marker).exists():
+        raise HarnessError(f"{final} exists and was not written by this tool; choose another directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".new"))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())
+        yield stage
+        (stage / marker).touch()
+        old = stage.with_suffix(".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -28,9 +28,11 @@ class Predictions(_Record):
 
 
 class Timing(_Record):
-    fit_s: float
-    test_s: float
-    latency_ms_per_image: float  # test_s / test images, data loading included
+    """Seconds; fit and test are None for a run that failed before it got there."""
+
+    fit_s: float | None
+    test_s: float | None
+    latency_ms_per_image: float | None  # test_s / test images, data loading included
     total_s: float
 
 
@@ -43,8 +45,8 @@ class Memory(_Record):
 class DataInfo(_Record):
     root: str
     sha256: str  # of every image and mask of the category: identifies the data, not its path
-    n_train: int
-    n_test: int
+    n_train: int | None  # as anomalib's datamodule split them; None if the run failed first
+    n_test: int | None
 
 
 class RunRecord(_Record):
@@ -63,8 +65,8 @@ class RunRecord(_Record):
     error: str | None
     metrics: dict[str, float | None]
     predictions: Predictions | None
-    timing: Timing | None
-    memory: Memory | None
+    timing: Timing
+    memory: Memory
     data: DataInfo
     environment: dict[str, Any]
     started_at: str

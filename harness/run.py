@@ -18,6 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,19 @@ def _pre_processor(image_size: int) -> Any:
     return PreProcessor(transform=transform)
 
 
-def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) -> tuple[Predicted, str, float, float]:
-    """Train through anomalib's Engine and predict the test split.
+@dataclass(frozen=True)
+class Fitted:
+    """What training and prediction produced, before metrics."""
 
-    Returns the raw outputs, the trained model's state hash, and fit and test seconds.
-    """
+    pred: Predicted
+    model_sha256: str
+    fit_s: float
+    test_s: float
+    n_train: int
+
+
+def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) -> Fitted:
+    """Train through anomalib's Engine and predict the test split."""
     from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
 
@@ -190,7 +199,7 @@ def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) 
     batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     test_s = time.perf_counter() - t0
     pred = collect(list(batches or []), Path(spec.data.root).expanduser() / spec.category)
-    return pred, state_sha256(model.model), fit_s, test_s
+    return Fitted(pred, state_sha256(model.model), fit_s, test_s, len(datamodule.train_data))
 
 
 def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
@@ -201,6 +210,29 @@ def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
     if weights:
         params["model_args"] = {**params["model_args"], "weights_sha256": sha256_file(weights)}
     return params
+
+
+def _predictions(fitted: Fitted) -> Predictions:
+    pred = fitted.pred
+    return Predictions(
+        image_paths=pred.paths,
+        labels=pred.labels.tolist(),
+        image_scores=pred.scores.tolist(),
+        scores_sha256=pred.scores_sha256,
+        maps_sha256=pred.maps_sha256,
+        model_sha256=fitted.model_sha256,
+    )
+
+
+def _timing(fitted: Fitted | None, total_s: float) -> Timing:
+    if fitted is None:
+        return Timing(fit_s=None, test_s=None, latency_ms_per_image=None, total_s=round(total_s, 4))
+    return Timing(
+        fit_s=round(fitted.fit_s, 4),
+        test_s=round(fitted.test_s, 4),
+        latency_ms_per_image=round(1000 * fitted.test_s / len(fitted.pred.paths), 4),
+        total_s=round(total_s, 4),
+    )
 
 
 def run_one(spec: RunSpec) -> RunRecord:
@@ -217,14 +249,12 @@ def run_one(spec: RunSpec) -> RunRecord:
         started = _now()
         t_start = time.perf_counter()
         error: str | None = None
-        pred: Predicted | None = None
-        model_sha256 = ""
+        fitted: Fitted | None = None
         metrics: dict[str, float | None] = {}
-        fit_s = test_s = 0.0
         with MemoryMonitor(device) as mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
-                pred, model_sha256, fit_s, test_s = fit_and_predict(spec, args, device, Path(workdir))
-                metrics = compute_metrics(pred)
+                fitted = fit_and_predict(spec, args, device, Path(workdir))
+                metrics = compute_metrics(fitted.pred)
             except HarnessError:
                 raise
             except Exception as exc:  # recorded as a failed run, never swallowed
@@ -243,24 +273,15 @@ def run_one(spec: RunSpec) -> RunRecord:
         status="failed" if error else "ok",
         error=error,
         metrics=metrics,
-        predictions=None
-        if pred is None
-        else Predictions(
-            image_paths=pred.paths,
-            labels=pred.labels.tolist(),
-            image_scores=pred.scores.tolist(),
-            scores_sha256=pred.scores_sha256,
-            maps_sha256=pred.maps_sha256,
-            model_sha256=model_sha256,
-        ),
-        timing=Timing(
-            fit_s=round(fit_s, 4),
-            test_s=round(test_s, 4),
-            latency_ms_per_image=round(1000 * test_s / len(pred.paths), 4) if pred else 0.0,
-            total_s=round(total_s, 4),
-        ),
+        predictions=_predictions(fitted) if fitted else None,
+        timing=_timing(fitted, total_s),
         memory=mem.result(),
-        data=DataInfo(root=str(data.root), sha256=data.sha256, n_train=data.n_train, n_test=data.n_test),
+        data=DataInfo(
+            root=str(data.root),
+            sha256=data.sha256,
+            n_train=fitted.n_train if fitted else None,
+            n_test=len(fitted.pred.paths) if fitted else None,
+        ),
         environment=env,
         started_at=started,
         finished_at=_now(),

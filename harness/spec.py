@@ -33,11 +33,11 @@ class DataSpec(StrictModel):
     eval_batch_size: int = Field(default=32, ge=1)
     num_workers: int = Field(default=0, ge=0, le=64)
     # Folder format: sub-directories of ROOT/<category>. The normal test images are
-    # `normal_test_dir` when given, else a seeded `normal_split_ratio` share of `normal_dir`.
-    normal_dir: str = "good"
-    abnormal_dir: str = "defect"
-    mask_dir: str | None = None
-    normal_test_dir: str | None = None
+    # `normal_test_dir` when given, else a fixed-seed `normal_split_ratio` share of `normal_dir`.
+    normal_dir: str = Field(default="good", min_length=1)
+    abnormal_dir: str = Field(default="defect", min_length=1)
+    mask_dir: str | None = Field(default=None, min_length=1)
+    normal_test_dir: str | None = Field(default=None, min_length=1)
     normal_split_ratio: float = Field(default=0.2, gt=0, lt=1)
 
 
@@ -111,11 +111,18 @@ class RunSpec(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def key(self) -> dict[str, Any]:
-        """What defines the run apart from where it runs (the run id adds the hardware)."""
+        """What identifies the run in the store (the run id adds the hardware).
+
+        The data root and weights path are in, as written (not resolved: a job's working
+        directory changes), so other data or weights is another run; the content behind
+        them is hashed into the record, not here, so a driver can decide what to resume
+        without reading the data.
+        """
         return {
             "sweep": self.sweep,
             "model": self.model,
             "params": self.params(),
+            "paths": {"data_root": self.data.root, "weights": self.model_args.get("weights")},
             "category": self.category,
             "seed": self.seed,
             "repeat": self.repeat,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.fsutil import atomic_write_json
 
 DEFAULT_RESULTS = "results"
@@ -24,6 +25,16 @@ def default_results_dir() -> Path:
 class ResultsStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def check_writable(self) -> None:
+        """Fail before a run, not after it, when records could not be written here."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise HarnessError(
+                f"results directory {self.root} cannot be written ({existing} is not a writable directory)"
+            )
 
     def path(self, sweep: str, run_id: str) -> Path:
         return self.root / sweep / "runs" / f"{run_id}.json"

@@ -16,9 +16,10 @@ import numpy as np
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.fsutil import atomic_write_bytes
+from harness.fsutil import staged_dir
 
 DEFECTS = ("scratch", "hole", "stain")
+MARKER = ".harness-synth"  # marks a category directory as synth's own, safe to replace
 Canvas = np.ndarray  # float32 array (H, W, 3) in [0, 1]
 
 
@@ -101,12 +102,9 @@ def _rng(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(entropy)
 
 
-def _png(arr: np.ndarray) -> bytes:
-    from io import BytesIO
-
-    buf = BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+def _save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
 
 
 def _to_uint8(img: Canvas) -> np.ndarray:
@@ -135,6 +133,8 @@ def synth(
     """Write a synthetic MVTec-layout data set under ``out``.
 
     A third of the test images are good; the rest cycle through scratch, hole and stain.
+    Each category is built aside and swapped in whole, so a rerun with other options
+    leaves no stale images; a category directory that synth did not write is never replaced.
     """
     unknown = [c for c in categories if c not in PATTERNS]
     if unknown:
@@ -145,23 +145,28 @@ def synth(
         raise HarnessError("need --n-train >= 1 and --n-test >= 2 (one good, one defective)")
     if not 32 <= size <= 1024:
         raise HarnessError(f"--size must be between 32 and 1024 pixels, got {size}")
+    if seed < 0:
+        raise HarnessError(f"--seed must be >= 0, got {seed}")
     n_good = max(1, n_test // 3)
     for category in categories:
-        draw = PATTERNS[category]
-        cat_dir = out / category
-        for i in range(n_train):
-            img = draw(_rng(seed, category, "train", i), size)
-            atomic_write_bytes(cat_dir / "train" / "good" / f"{i:03d}.png", _png(_to_uint8(img)))
-        for i in range(n_good):
-            img = draw(_rng(seed, category, "test", i), size)
-            atomic_write_bytes(cat_dir / "test" / "good" / f"{i:03d}.png", _png(_to_uint8(img)))
-        for j in range(n_test - n_good):
-            defect = DEFECTS[j % len(DEFECTS)]
-            rng = _rng(seed, category, "defect", j)
-            mask = _defect_mask(rng, size, defect)
-            img = _apply_defect(draw(rng, size), mask, defect, rng)
-            stem = f"{j // len(DEFECTS):03d}"
-            atomic_write_bytes(cat_dir / "test" / defect / f"{stem}.png", _png(_to_uint8(img)))
-            mask_png = _png(mask.astype(np.uint8) * 255)
-            atomic_write_bytes(cat_dir / "ground_truth" / defect / f"{stem}_mask.png", mask_png)
+        with staged_dir(out / category, MARKER) as cat_dir:
+            _draw_category(cat_dir, category, n_train, n_good, n_test - n_good, size, seed)
     return SynthSummary(out, tuple(categories), n_train, n_good, n_test - n_good)
+
+
+def _draw_category(
+    cat_dir: Path, category: str, n_train: int, n_good: int, n_defect: int, size: int, seed: int
+) -> None:
+    draw = PATTERNS[category]
+    for i in range(n_train):
+        _save(cat_dir / "train" / "good" / f"{i:03d}.png", _to_uint8(draw(_rng(seed, category, "train", i), size)))
+    for i in range(n_good):
+        _save(cat_dir / "test" / "good" / f"{i:03d}.png", _to_uint8(draw(_rng(seed, category, "test", i), size)))
+    for j in range(n_defect):
+        defect = DEFECTS[j % len(DEFECTS)]
+        rng = _rng(seed, category, "defect", j)
+        mask = _defect_mask(rng, size, defect)
+        img = _apply_defect(draw(rng, size), mask, defect, rng)
+        stem = f"{j // len(DEFECTS):03d}"
+        _save(cat_dir / "test" / defect / f"{stem}.png", _to_uint8(img))
+        _save(cat_dir / "ground_truth" / defect / f"{stem}_mask.png", mask.astype(np.uint8) * 255)

@@ -26,14 +26,15 @@ SMALL = [
 ]
 
 
-def harness(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def harness(*args: str | Path, hub_cache: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if hub_cache:
+        env["HF_HUB_CACHE"] = str(hub_cache)
     return subprocess.run(
         [sys.executable, "-m", "harness", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
-        cwd=cwd,
         timeout=600,
     )
 
@@ -102,7 +103,8 @@ def test_bad_input_is_one_line_and_stores_nothing(
     root = [] if "--data-root" in args else ["--data-root", str(own_root)]
     # Later --set wins: a case's own args come after the test-size defaults.
     defaults = [*SMALL, "--set", "model_args.pre_trained=false"]
-    out = harness("run", *model, *root, *defaults, *args, "--results", results)
+    # An empty hub cache: the pretrained case must fail whatever this machine has cached.
+    out = harness("run", *model, *root, *defaults, *args, "--results", results, hub_cache=tmp_path / "hub")
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -115,6 +117,36 @@ def test_bad_input_is_one_line_and_stores_nothing(
         "test/runs/kept.json",
     ]
     assert kept.read_text() == '{"kept": true}\n'
+
+
+def test_unwritable_results_fail_before_the_run(own_root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the results directory should be")
+    out = harness(
+        "run",
+        "--model",
+        "patchcore",
+        "--data-root",
+        own_root,
+        "--category",
+        "disc",
+        *SMALL,
+        "--results",
+        blocker / "sub",
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"harness run: error: results directory {blocker / 'sub'} cannot be written "
+        f"({blocker} is not a writable directory)"
+    )
+
+
+def test_synth_into_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    out = harness("data", "synth", tmp_path / "f" / "x")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert "Not a directory" in out.stderr
 
 
 def test_argparse_errors_are_one_line_too() -> None:

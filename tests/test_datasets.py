@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from harness.datasets import check_data
 from harness.errors import HarnessError
@@ -15,9 +16,8 @@ def _spec(root: Path, **kw: object) -> DataSpec:
     return DataSpec(root=str(root), categories=["disc"], **kw)
 
 
-def test_valid_root_counts_and_hash(synth_root: Path) -> None:
+def test_valid_root_hash(synth_root: Path) -> None:
     check = check_data(_spec(synth_root), "disc")
-    assert (check.n_train, check.n_test) == (16, 12)
     assert check.sha256 == check_data(_spec(synth_root), "disc").sha256
     assert check.sha256 != check_data(_spec(synth_root), "weave").sha256
 
@@ -84,13 +84,47 @@ def test_folder_format(synth_root: Path, tmp_path: Path) -> None:
         abnormal_dir="abnormal",
         mask_dir="masks",
     )
-    check = check_data(spec, "part")
-    assert (check.n_train, check.n_test) == (13, 8 + 3)
+    first = check_data(spec, "part").sha256
+    nested = tmp_path / "part" / "normal" / "batch2"
+    nested.mkdir()
+    shutil.copy(tmp_path / "part" / "normal" / "000.png", nested / "000.png")
+    assert check_data(spec, "part").sha256 != first, "anomalib reads sub-directories: so does the hash"
     (tmp_path / "part" / "abnormal" / "hole_000.png").unlink()
     with pytest.raises(HarnessError, match=r"hole_000_mask\.png: mask without an image"):
         check_data(spec, "part")
     with pytest.raises(HarnessError, match=r"no anomalous images in .*missing"):
         check_data(spec.model_copy(update={"abnormal_dir": "missing"}), "part")
+    with pytest.raises(HarnessError, match=r"no normal test images in .*typo"):
+        check_data(spec.model_copy(update={"normal_test_dir": "typo"}), "part")
+
+
+def test_mvtec_reads_png_only(own_root: Path) -> None:
+    img = own_root / "disc" / "train" / "good" / "004.png"
+    Image.open(img).save(img.with_suffix(".jpg"))
+    with pytest.raises(HarnessError, match=r"004\.jpg: the MVTec layout is read as \.png only"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_image_outside_the_layout(own_root: Path) -> None:
+    extra = own_root / "disc" / "test" / "hole" / "more"
+    extra.mkdir()
+    shutil.copy(own_root / "disc" / "test" / "hole" / "000.png", extra / "x.png")
+    with pytest.raises(HarnessError, match=r"more/x\.png: outside the layout"):
+        check_data(_spec(own_root), "disc")
+
+
+def test_masks_pair_in_sorted_order_as_anomalib_pairs_them(own_root: Path) -> None:
+    """Same stems as sets, yet sorted a_b_mask pairs with a and a_mask with a_b: an error here, not mid-run."""
+    hole, gt = own_root / "disc" / "test" / "hole", own_root / "disc" / "ground_truth" / "hole"
+    for p in [*hole.iterdir(), *gt.iterdir()]:
+        p.unlink()
+    src = own_root / "disc" / "test" / "scratch" / "000.png"
+    mask = own_root / "disc" / "ground_truth" / "scratch" / "000_mask.png"
+    for stem in ("a", "a_b"):
+        shutil.copy(src, hole / f"{stem}.png")
+        shutil.copy(mask, gt / f"{stem}_mask.png")
+    with pytest.raises(HarnessError, match=r"hole/a_mask\.png: does not match a_b\.png"):
+        check_data(_spec(own_root), "disc")
 
 
 def test_test_split_without_defects(own_root: Path) -> None:

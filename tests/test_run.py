@@ -109,7 +109,7 @@ def test_image_auroc_recomputes_from_stored_scores(model: str, synth_root: Path)
 
 def test_pixel_auroc_matches_sklearn_on_the_raw_maps(synth_root: Path, tmp_path: Path) -> None:
     spec = make_run_spec("patchcore", synth_root)
-    pred, _, _, _ = fit_and_predict(spec, PatchcoreArgs.model_validate(spec.model_args), "cpu", tmp_path)
+    pred = fit_and_predict(spec, PatchcoreArgs.model_validate(spec.model_args), "cpu", tmp_path).pred
     metrics = compute_metrics(pred)
     assert pred.maps is not None
     assert pred.masks is not None
@@ -174,12 +174,14 @@ def test_folder_format_runs_through_the_same_pipeline(synth_root: Path, tmp_path
         normal_dir="normal",
         abnormal_dir="abnormal",
         mask_dir="masks",
+        normal_split_ratio=0.5,
     )
     record = run_one(spec)
     assert record.status == "ok", record.error
     assert record.predictions
     assert sum(record.predictions.labels) == 8
-    assert len(record.predictions.labels) == 8 + 3, "20% of the 16 normal images are held out for test"
+    assert record.data.n_test == len(record.predictions.labels) == 8 + 8, "half of the 16 normal images held out"
+    assert record.data.n_train == 8
     assert record.metrics["pixel_AUROC"] is not None
 
 
@@ -193,14 +195,16 @@ def test_failure_during_training_is_a_failed_record(synth_root: Path) -> None:
 
 
 def test_collect_orders_by_path_whatever_the_batches() -> None:
+    """Each image's map and mask carry its score and label, so any mix-up between fields shows."""
+
     def batch(paths: list[str], scores: list[float]) -> SimpleNamespace:
-        n = len(paths)
+        labels = [p.startswith("test/bad") for p in paths]
         return SimpleNamespace(
             image_path=[f"/r/cat/{p}" for p in paths],
             pred_score=torch.tensor(scores),
-            gt_label=torch.tensor([p.startswith("test/bad") for p in paths]),
-            anomaly_map=torch.arange(n * 4, dtype=torch.float32).reshape(n, 2, 2) + scores[0],
-            gt_mask=torch.zeros(n, 2, 2),
+            gt_label=torch.tensor(labels),
+            anomaly_map=torch.tensor(scores).reshape(-1, 1, 1).expand(-1, 2, 2).clone(),
+            gt_mask=torch.tensor(labels, dtype=torch.float32).reshape(-1, 1, 1).expand(-1, 2, 2).clone(),
         )
 
     a = collect(
@@ -209,7 +213,13 @@ def test_collect_orders_by_path_whatever_the_batches() -> None:
     b = collect(
         [batch(["test/good/0.png"], [0.2]), batch(["test/bad/0.png", "test/good/1.png"], [0.9, 0.1])], Path("/r/cat")
     )
-    assert a.paths == b.paths == ["test/bad/0.png", "test/good/0.png", "test/good/1.png"]
-    assert a.scores.tolist() == b.scores.tolist() == pytest.approx([0.9, 0.2, 0.1])
-    assert a.labels.tolist() == [1, 0, 0]
+    for pred in (a, b):
+        assert pred.paths == ["test/bad/0.png", "test/good/0.png", "test/good/1.png"]
+        assert pred.scores.tolist() == pytest.approx([0.9, 0.2, 0.1])
+        assert pred.labels.tolist() == [1, 0, 0]
+        assert pred.maps is not None
+        assert pred.masks is not None
+        np.testing.assert_array_equal(pred.maps[:, 0, 0], pred.scores)
+        np.testing.assert_array_equal(pred.masks[:, 1, 1], pred.labels)
     assert a.scores_sha256 == b.scores_sha256
+    assert a.maps_sha256 == b.maps_sha256

@@ -75,8 +75,9 @@ def test_run_id_is_stable_and_separates_what_differs() -> None:
     a, b = expand(validate_spec({**BASE, "seeds": [0], "repeats": 2}))[:2]
     assert make_run_id(a, "hw1") == make_run_id(a.model_copy(), "hw1")
     assert len({make_run_id(a, "hw1"), make_run_id(b, "hw1"), make_run_id(a, "hw2")}) == 3
-    moved = validate_spec({**BASE, "data": {**BASE["data"], "root": "/elsewhere"}})
-    assert make_run_id(expand(moved)[0], "hw1") == make_run_id(a, "hw1"), "the data's path is not its identity"
+    other_data = validate_spec({**BASE, "data": {**BASE["data"], "root": "/elsewhere"}})
+    assert make_run_id(expand(other_data)[0], "hw1") != make_run_id(a, "hw1"), "other data is another run"
+    assert expand(other_data)[0].params() == a.params(), "but the same settings, for the checker's groups"
 
 
 def test_params_hold_no_paths() -> None:
@@ -86,6 +87,7 @@ def test_params_hold_no_paths() -> None:
     assert "root" not in weights[0].params()["data"]
     hub = expand(validate_spec(BASE))[0]
     assert make_run_id(hub, "hw") != make_run_id(weights[0], "hw"), "a weights file is another run than the hub"
+    assert make_run_id(weights[0], "hw") != make_run_id(weights[1], "hw"), "and another file another run"
 
 
 def test_load_spec_file(tmp_path: Path) -> None:

@@ -85,3 +85,24 @@ def test_masks_are_exactly_the_changed_pixels(tmp_path: Path, category: str) -> 
 def test_bad_options(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(HarnessError, match=message):
         synth(tmp_path, **kwargs)
+
+
+def test_rerun_with_other_options_leaves_nothing_stale(tmp_path: Path) -> None:
+    synth(tmp_path, ("disc",), n_train=6, n_test=3, seed=0)
+    synth(tmp_path, ("disc",), n_train=2, n_test=3, seed=0)
+    assert sorted(p.name for p in (tmp_path / "disc" / "train" / "good").iterdir()) == ["000.png", "001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disc"], "no staging directory left behind"
+
+
+def test_never_replaces_a_directory_it_did_not_write(tmp_path: Path) -> None:
+    mine = tmp_path / "disc" / "train" / "good" / "real.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"a user's image")
+    with pytest.raises(HarnessError, match="exists and was not written by this tool"):
+        synth(tmp_path, ("disc",), n_train=2, n_test=3)
+    assert mine.read_bytes() == b"a user's image"
+
+
+def test_negative_seed(tmp_path: Path) -> None:
+    with pytest.raises(HarnessError, match="--seed must be >= 0"):
+        synth(tmp_path, seed=-1)
