@@ -24,6 +24,8 @@ MODEL_SETS = {"patchcore": ["model_args.pre_trained=false"], "ganomaly": ["model
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Warm the OS file cache once, so the first case does not pay the cold import for all.
+    subprocess.run([sys.executable, "-c", "import anomalib.engine, anomalib.models"], check=True, capture_output=True)
     root = tmp_path_factory.mktemp("synth")
     for size in (64, 128):
         synth(root / str(size), ("disc",), n_train=32, n_test=24, size=size, seed=0)
