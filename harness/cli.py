@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.record import RunRecord
+    from harness.spec import Device
 
 EXIT_FAILED_RUN = 1
 EXIT_BAD_INPUT = 2
@@ -128,10 +132,10 @@ _RUN_FLAG_KEYS = {
 }
 
 
-def _format_summary(record: Any, path: Path) -> str:
+def _format_summary(record: RunRecord, path: Path) -> str:
     head = f"{record.model} {record.category} seed={record.seed} repeat={record.repeat}"
     if record.status == "failed":
-        return f"FAILED {head}: {record.error.splitlines()[0]} -> {path}"
+        return f"FAILED {head}: {(record.error or '').splitlines()[0]} -> {path}"
     metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items()) if v is not None)
     t, m = record.timing, record.memory
     return (
@@ -148,8 +152,8 @@ def execute_run(
     repeat: int,
     overrides: list[str],
     results: Path | None,
-    device: str,
-) -> tuple[Any, Path]:
+    device: Device,
+) -> tuple[RunRecord, Path]:
     """Validate everything, run once, store the record; what ``harness run`` and the demo share."""
     from harness.spec import apply_overrides, parse_set, run_spec, validate_spec
     from harness.store import ResultsStore, default_results_dir
@@ -167,7 +171,7 @@ def execute_run(
     store.check_writable()
     from harness.run import run_one
 
-    record = run_one(run_spec(spec, category, seed, repeat, device))  # type: ignore[arg-type]
+    record = run_one(run_spec(spec, category, seed, repeat, device))
     return record, store.put(record.to_json())
 
 
@@ -201,8 +205,8 @@ COMMANDS = {"synth": cmd_synth, "run": cmd_run, "demo": cmd_demo}
 
 
 def _reexec_with_malloc_env(argv: list[str]) -> None:
-    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-        return
+    if all(k in os.environ for k in MALLOC_ENV):
+        return  # already set, by us or deliberately by the user
     env = {**os.environ, **MALLOC_ENV}
     os.execve(sys.executable, [sys.executable, "-m", "harness", *argv], env)
 

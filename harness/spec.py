@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import HarnessError
 from harness.models import get_model
 
+Device = Literal["auto", "cpu", "cuda"]
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,7 +110,7 @@ class RunSpec(StrictModel):
     repeat: int
     deterministic: bool
     resources: ResourcesSpec
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
 
     def key(self) -> dict[str, Any]:
         """What identifies the run in the store (the run id adds the hardware).
@@ -209,9 +211,7 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
     return validate_spec(apply_overrides(raw, parse_set(overrides or [])), str(path))
 
 
-def run_spec(
-    spec: ExperimentSpec, category: str, seed: int, repeat: int, device: Literal["auto", "cpu", "cuda"] = "auto"
-) -> RunSpec:
+def run_spec(spec: ExperimentSpec, category: str, seed: int, repeat: int, device: Device = "auto") -> RunSpec:
     """One point of the study's grid."""
     return RunSpec(
         sweep=spec.name,
@@ -228,7 +228,7 @@ def run_spec(
     )
 
 
-def expand(spec: ExperimentSpec, device: Literal["auto", "cpu", "cuda"] = "auto") -> list[RunSpec]:
+def expand(spec: ExperimentSpec, device: Device = "auto") -> list[RunSpec]:
     """The study's grid, categories x seeds x repeats, in a fixed order."""
     return [
         run_spec(spec, category, seed, repeat, device)

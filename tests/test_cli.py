@@ -246,23 +246,19 @@ def test_pretrained_weights_come_from_the_local_hub_cache(synth_root: Path, tmp_
     (repo / "refs" / "main").write_text("0" * 40)
     torch.manual_seed(11)  # stand-in weights: the real ones cannot be fetched here
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(snapshot / "model.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness",
+    out = harness(
         "run",
         "--model",
         "patchcore",
         "--data-root",
-        str(synth_root),
+        synth_root,
         "--category",
         "disc",
         *SMALL,
         "--results",
-        str(tmp_path / "r"),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        tmp_path / "r",
+        hub_cache=tmp_path / "hub",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", "no progress bars or banners on a successful run"
     (path,) = (tmp_path / "r").glob("test/runs/*.json")

@@ -29,7 +29,6 @@ class ModelAdapter(Protocol):
     """What the run needs from a model: its arguments, how to build it, how long to train."""
 
     Args: type[ModelArgs]
-    has_anomaly_map: bool
 
     def check(self, args: Any) -> None:
         """Fail fast, before the 8 s anomalib import, on what training would trip over."""

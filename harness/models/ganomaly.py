@@ -37,7 +37,6 @@ class GanomalyArgs(ModelArgs):
 @register_model("ganomaly")
 class Ganomaly:
     Args = GanomalyArgs
-    has_anomaly_map = False
 
     def check(self, args: GanomalyArgs) -> None:
         pass  # nothing outside the data to check: no pretrained parts

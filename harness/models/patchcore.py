@@ -128,7 +128,6 @@ def hub_offline(enabled: bool) -> Iterator[None]:
 @register_model("patchcore")
 class Patchcore:
     Args = PatchcoreArgs
-    has_anomaly_map = True
 
     def check(self, args: PatchcoreArgs) -> None:
         if args.weights:
