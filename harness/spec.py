@@ -184,11 +184,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]])
     return doc
 
 
-def validate_spec(raw: Any, source: str = "") -> ExperimentSpec:
+def validate_spec(raw: dict[str, Any], source: str = "") -> ExperimentSpec:
     """Validate a spec document and the model's own arguments; one-line errors (``source: key: why``)."""
     where = f"{source}: " if source else ""
-    if not isinstance(raw, dict):
-        raise HarnessError(f"{where}expected a mapping of keys, got {type(raw).__name__}")
     try:
         spec = ExperimentSpec.model_validate(raw)
         spec.model_params()

@@ -39,6 +39,14 @@ def harness(*args: str | Path, hub_cache: Path | None = None) -> subprocess.Comp
     )
 
 
+def run_disc(
+    model: str, root: Path, results: Path, *extra: str, hub_cache: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`harness run` on the `disc` category at test size, with extra flags and --set items."""
+    args = ["run", "--model", model, "--data-root", root, "--category", "disc", *SMALL, *extra, "--results", results]
+    return harness(*args, hub_cache=hub_cache)
+
+
 @pytest.mark.parametrize("command", [[], ["data", "synth"], ["run"], ["demo"]])
 def test_help_has_an_example(command: list[str]) -> None:
     out = harness(*command, "--help")
@@ -122,18 +130,7 @@ def test_bad_input_is_one_line_and_stores_nothing(
 def test_unwritable_results_fail_before_the_run(own_root: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "results"
     blocker.write_text("a file where the results directory should be")
-    out = harness(
-        "run",
-        "--model",
-        "patchcore",
-        "--data-root",
-        own_root,
-        "--category",
-        "disc",
-        *SMALL,
-        "--results",
-        blocker / "sub",
-    )
+    out = run_disc("patchcore", own_root, blocker / "sub")
     assert out.returncode == 2
     assert out.stderr.strip() == (
         f"harness run: error: results directory {blocker / 'sub'} cannot be written "
@@ -165,21 +162,7 @@ def test_run_cli_equals_the_library_call(model: str, synth_root: Path, tmp_path:
         "ganomaly": ["model_args.max_epochs=2", "model_args.n_features=16", "model_args.latent_vec_size=16"],
     }
     sets = [x for s in extra[model] for x in ("--set", s)]
-    out = harness(
-        "run",
-        "--model",
-        model,
-        "--data-root",
-        synth_root,
-        "--category",
-        "disc",
-        "--seed",
-        "3",
-        *SMALL,
-        *sets,
-        "--results",
-        tmp_path / "r",
-    )
+    out = run_disc(model, synth_root, tmp_path / "r", "--seed", "3", *sets)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
     assert line.startswith(f"{model} disc seed=3 repeat=0: image_AUROC=")
@@ -198,21 +181,14 @@ def test_run_cli_equals_the_library_call(model: str, synth_root: Path, tmp_path:
 
 @pytest.mark.slow
 def test_failed_run_exits_1_and_is_stored(synth_root: Path, tmp_path: Path) -> None:
-    out = harness(
-        "run",
-        "--model",
+    out = run_disc(
         "patchcore",
-        "--data-root",
         synth_root,
-        "--category",
-        "disc",
-        *SMALL,
+        tmp_path,
         "--set",
         "model_args.pre_trained=false",
         "--set",
         "model_args.coreset_sampling_ratio=0.0001",
-        "--results",
-        tmp_path,
     )
     assert out.returncode == 1
     assert out.stdout.startswith("FAILED patchcore disc seed=0 repeat=0: ValueError: coreset_size")
@@ -246,19 +222,7 @@ def test_pretrained_weights_come_from_the_local_hub_cache(synth_root: Path, tmp_
     (repo / "refs" / "main").write_text("0" * 40)
     torch.manual_seed(11)  # stand-in weights: the real ones cannot be fetched here
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(snapshot / "model.safetensors"))
-    out = harness(
-        "run",
-        "--model",
-        "patchcore",
-        "--data-root",
-        synth_root,
-        "--category",
-        "disc",
-        *SMALL,
-        "--results",
-        tmp_path / "r",
-        hub_cache=tmp_path / "hub",
-    )
+    out = run_disc("patchcore", synth_root, tmp_path / "r", hub_cache=tmp_path / "hub")
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", "no progress bars or banners on a successful run"
     (path,) = (tmp_path / "r").glob("test/runs/*.json")
