@@ -105,6 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when visible, else CPU"
     )
 
+    sweep = _add(
+        sub,
+        "sweep",
+        "run a study on Ray: a local cluster, or the one at --address; resumes what is missing",
+        "harness sweep experiments/smoke.yaml --set data.root=datasets/synth\n"
+        "  ray job submit --address http://HEAD:8265 --working-dir . -- "
+        "harness sweep experiments/patchcore_seeds.yaml --address auto --results /shared/results",
+    )
+    sweep.add_argument("spec", type=Path, help="experiment spec (YAML), e.g. experiments/smoke.yaml")
+    sweep.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: `auto` inside `ray job submit`, or HOST:6379; default: start a local one",
+    )
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key of the spec, e.g. data.root=/data/mvtec, seeds=[0,1], resources.cpu=1",
+    )
+    sweep.add_argument(
+        "--results", type=Path, default=None, help="results directory (default: $HARNESS_RESULTS or results/)"
+    )
+
     demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")
     return parser
@@ -181,6 +206,26 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return EXIT_FAILED_RUN if record.status == "failed" else 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from harness.spec import load_spec
+    from harness.store import default_results_dir
+    from harness.sweep import sweep
+
+    spec = load_spec(ns.spec, ns.set)
+    results = ns.results or default_results_dir()
+    print(f"sweep {spec.name} ({spec.study}, {spec.model}): records in {results / spec.name / 'runs'}")
+    tally = sweep(spec, results, ns.address)
+    print(
+        f"sweep {spec.name}: {tally.ok} ok, {len(tally.failed)} failed, {len(tally.lost)} lost, "
+        f"{tally.skipped} already stored"
+    )
+    for line in tally.failed:
+        print(f"  failed: {line}")
+    for line in tally.lost:
+        print(f"  lost (not stored; rerun the sweep to retry): {line}")
+    return 0 if tally.clean else EXIT_FAILED_RUN
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     """For now: synthetic data and one small run of each model (the demo grows with the sweeps)."""
     from harness.synth import synth
@@ -201,7 +246,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return EXIT_FAILED_RUN if failed else 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "demo": cmd_demo}
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "sweep": cmd_sweep, "demo": cmd_demo}
 
 
 def _reexec_with_malloc_env(argv: list[str]) -> None:

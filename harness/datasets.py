@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.spec import DataSpec
+    from harness.spec import DataSpec, ValidationSpec
 
 # What anomalib reads: MVTecAD takes exactly these suffixes; Folder takes torchvision's
 # IMG_EXTENSIONS in any case, searching each directory recursively.
@@ -149,20 +149,22 @@ def check_data(data: DataSpec, category: str) -> DataCheck:
     return check_mvtec(root, category) if data.format == "mvtec" else check_folder(root, category, data)
 
 
-def build_datamodule(data: DataSpec, category: str) -> Any:
-    """anomalib's datamodule for a checked category, with no validation split.
+def build_datamodule(data: DataSpec, category: str, validation: ValidationSpec | None = None) -> Any:
+    """anomalib's datamodule for a checked category; a validation split only when asked.
 
     anomalib's default validation split is the test set itself (``same_as_test``), so any
     threshold or selection fitted on it would leak test labels; runs here choose nothing from
-    data, and studies that select (HPO) ask for a separate split.
+    data, and HPO trials ask for a split carved from the training images instead.
     """
     common: dict[str, Any] = {
         "train_batch_size": data.train_batch_size,
         "eval_batch_size": data.eval_batch_size,
         "num_workers": data.num_workers,
-        "val_split_mode": "none",
+        "val_split_mode": validation.split if validation else "none",
         "seed": DATA_SPLIT_SEED,
     }
+    if validation:
+        common["val_split_ratio"] = validation.ratio
     root = Path(data.root).expanduser()
     if data.format == "mvtec":
         from anomalib.data import MVTecAD

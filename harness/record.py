@@ -44,9 +44,20 @@ class Memory(_Record):
 
 class DataInfo(_Record):
     root: str
-    sha256: str  # of every image and mask of the category: identifies the data, not its path
+    sha256: str | None  # of every image and mask of the category; None if it could not be read
     n_train: int | None  # as anomalib's datamodule split them; None if the run failed first
     n_test: int | None
+
+
+class ValidationInfo(_Record):
+    """How an HPO trial was scored: never on the test split."""
+
+    split: str  # "synthetic": held-out train images, part with anomalib's synthetic anomalies
+    ratio: float  # share of the training images held out
+    n_val: int
+    n_val_anomalous: int
+    curve: list[dict[str, int | float | None]]  # the validation metrics after each epoch
+    stopped_early: bool = False  # the scheduler (ASHA) ended the trial before its last epoch
 
 
 class RunRecord(_Record):
@@ -71,6 +82,16 @@ class RunRecord(_Record):
     environment: dict[str, Any]
     started_at: str
     finished_at: str
+    role: Literal["run", "trial", "best"] = "run"
+    node_id: str | None = None  # the Ray node that ran it (None outside Ray)
+    validation: ValidationInfo | None = None  # trials: metrics are validation metrics (val_*)
+    selection: dict[str, Any] | None = None  # best-config runs: which trial won, on what
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RunRecord:
+        """A stored record back (the inverse of ``to_json``)."""
+        fields = {k: v for k, v in doc.items() if k != "schema"}
+        return cls.model_validate({**fields, "schema_": doc.get("schema")})
 
     def to_json(self) -> dict[str, Any]:
         doc = self.model_dump(mode="json", exclude={"schema_"})

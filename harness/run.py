@@ -17,10 +17,11 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,10 @@ import numpy as np
 from harness.datasets import DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
-from harness.fingerprint import fingerprint
+from harness.fingerprint import cpu_model, cuda_facts, fingerprint, hardware_id
 from harness.hashing import sha256_file, stable_hash, state_sha256
 from harness.models import ModelArgs, get_model
-from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing
+from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing, ValidationInfo
 from harness.spec import RunSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,17 +159,49 @@ def _pre_processor(image_size: int) -> Any:
 
 @dataclass(frozen=True)
 class Fitted:
-    """What training and prediction produced, before metrics."""
+    """What training and prediction produced, before metrics (no test predictions for a trial)."""
 
-    pred: Predicted
+    pred: Predicted | None
     model_sha256: str
     fit_s: float
-    test_s: float
+    test_s: float | None
     n_train: int
+    n_val: int | None
 
 
-def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) -> Fitted:
-    """Train through anomalib's Engine and predict the test split."""
+ValidationHook = Callable[[Predicted], None]
+
+
+def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
+    """A Lightning callback that hands each epoch's raw validation predictions to ``on_scores``.
+
+    Callbacks see a batch before the module's own ``on_validation_batch_end``, where GANomaly
+    min-max normalises scores with a running min/max; the raw scores are copied first.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    fields = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
+
+    class ValidationScores(Callback):
+        def __init__(self) -> None:
+            self.batches: list[SimpleNamespace] = []
+
+        def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self.batches = []
+
+        def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
+            copied = {f: None if getattr(outputs, f) is None else getattr(outputs, f).detach().clone() for f in fields}
+            self.batches.append(SimpleNamespace(image_path=list(outputs.image_path), **copied))
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking and self.batches:
+                on_scores(collect(self.batches, base))
+
+    return ValidationScores()
+
+
+def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path, on_val: ValidationHook) -> Fitted:
+    """Train through anomalib's Engine; predict the test split, or for a trial validate each epoch."""
     from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
 
@@ -180,26 +213,32 @@ def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path) 
         post_processor=PostProcessor(enable_normalization=False),
         train_batch_size=spec.data.train_batch_size,
     )
-    datamodule = build_datamodule(spec.data, spec.category)
+    datamodule = build_datamodule(spec.data, spec.category, spec.validation)
+    base = Path(spec.data.root).expanduser() / spec.category
+    trial = spec.validation is not None
     engine = Engine(
         default_root_dir=workdir,
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
         logger=False,
         barebones=True,  # no checkpoints, no files: the store is the only output
-        limit_val_batches=0,
+        limit_val_batches=1.0 if trial else 0,
         num_sanity_val_steps=0,
+        callbacks=[_validation_scores(on_val, base)] if trial else None,
         deterministic=spec.deterministic,
         max_epochs=adapter.max_epochs(args),
     )
     t0 = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_s = time.perf_counter() - t0
+    n_train = len(datamodule.train_data)
+    if trial:  # a trial never looks at the test split
+        return Fitted(None, state_sha256(model.model), fit_s, None, n_train, len(datamodule.val_data))
     t0 = time.perf_counter()
     batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     test_s = time.perf_counter() - t0
-    pred = collect(list(batches or []), Path(spec.data.root).expanduser() / spec.category)
-    return Fitted(pred, state_sha256(model.model), fit_s, test_s, len(datamodule.train_data))
+    pred = collect(list(batches or []), base)
+    return Fitted(pred, state_sha256(model.model), fit_s, test_s, n_train, None)
 
 
 def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
@@ -212,21 +251,21 @@ def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
     return params
 
 
-def _predictions(fitted: Fitted) -> Predictions:
-    pred = fitted.pred
+def _predictions(pred: Predicted, model_sha256: str) -> Predictions:
     return Predictions(
         image_paths=pred.paths,
         labels=pred.labels.tolist(),
         image_scores=pred.scores.tolist(),
         scores_sha256=pred.scores_sha256,
         maps_sha256=pred.maps_sha256,
-        model_sha256=fitted.model_sha256,
+        model_sha256=model_sha256,
     )
 
 
 def _timing(fitted: Fitted | None, total_s: float) -> Timing:
-    if fitted is None:
-        return Timing(fit_s=None, test_s=None, latency_ms_per_image=None, total_s=round(total_s, 4))
+    if fitted is None or fitted.test_s is None or fitted.pred is None:
+        fit_s = round(fitted.fit_s, 4) if fitted else None
+        return Timing(fit_s=fit_s, test_s=None, latency_ms_per_image=None, total_s=round(total_s, 4))
     return Timing(
         fit_s=round(fitted.fit_s, 4),
         test_s=round(fitted.test_s, 4),
@@ -235,8 +274,80 @@ def _timing(fitted: Fitted | None, total_s: float) -> Timing:
     )
 
 
-def run_one(spec: RunSpec) -> RunRecord:
-    """Run one point of a study and return its record (the caller stores it)."""
+def planned_run_id(spec: RunSpec) -> str:
+    """The id ``run_one`` will give this run here, without running it: what a sweep resumes by."""
+    device = resolve_device(spec.device)
+    return make_run_id(spec, hardware_id(device, cuda_facts(device)["gpu_name"], cpu_model(), spec.resources.cpu))
+
+
+class _Run:
+    """One run in progress: what its record needs, gathered as it goes."""
+
+    def __init__(self, spec: RunSpec, data: DataCheck, args: ModelArgs, device: str) -> None:
+        self.spec, self.data, self.args = spec, data, args
+        self.env = fingerprint(device, spec.resources.cpu)
+        self.started = _now()
+        self.t_start = time.perf_counter()
+        self.mem = MemoryMonitor(device)
+        self.curve: list[dict[str, int | float | None]] = []  # a trial's validation metrics per epoch
+        self.n_val = self.n_val_anomalous = 0
+
+    def _validation(self) -> ValidationInfo | None:
+        if self.spec.validation is None:
+            return None
+        return ValidationInfo(
+            split=self.spec.validation.split,
+            ratio=self.spec.validation.ratio,
+            n_val=self.n_val,
+            n_val_anomalous=self.n_val_anomalous,
+            curve=list(self.curve),
+        )
+
+    def record(self, fitted: Fitted | None, metrics: dict[str, float | None], error: str | None = None) -> RunRecord:
+        spec = self.spec
+        pred = fitted.pred if fitted else None
+        return RunRecord(
+            run_id=make_run_id(spec, self.env["hardware_id"]),
+            sweep=spec.sweep,
+            study=spec.study,
+            model=spec.model,
+            params=_params(spec, self.args, self.data),
+            category=spec.category,
+            seed=spec.seed,
+            repeat=spec.repeat,
+            status="failed" if error else "ok",
+            error=error,
+            metrics=metrics,
+            predictions=_predictions(pred, fitted.model_sha256) if fitted and pred is not None else None,
+            timing=_timing(fitted, time.perf_counter() - self.t_start),
+            memory=self.mem.result(),
+            data=DataInfo(
+                root=str(self.data.root),
+                sha256=self.data.sha256,
+                n_train=fitted.n_train if fitted else None,
+                n_test=len(pred.paths) if pred is not None else None,
+            ),
+            environment=self.env,
+            started_at=self.started,
+            finished_at=_now(),
+            role=spec.role,
+            validation=self._validation(),
+            selection=spec.selection,
+        )
+
+    def last_validation(self) -> dict[str, float | None]:
+        return {k: v for k, v in (self.curve[-1] if self.curve else {}).items() if k != "epoch"}
+
+
+EpochHook = Callable[[RunRecord], None]
+
+
+def run_one(spec: RunSpec, on_epoch: EpochHook | None = None) -> RunRecord:
+    """Run one point of a study and return its record (the caller stores it).
+
+    For an HPO trial (``spec.validation``) the model is scored on the validation split after
+    every epoch, and ``on_epoch`` gets the record as it stands (a scheduler may stop there).
+    """
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: before any import of it
     adapter = get_model(spec.model)
     args = adapter.Args.model_validate(spec.model_args)
@@ -245,44 +356,61 @@ def run_one(spec: RunSpec) -> RunRecord:
     device = resolve_device(spec.device)
     with quiet():
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
-        env = fingerprint(device, spec.resources.cpu)
-        started = _now()
-        t_start = time.perf_counter()
+        run = _Run(spec, data, args, device)
+
+        def on_val(pred: Predicted) -> None:
+            val = {f"val_{k}": v for k, v in compute_metrics(pred).items()}
+            run.curve.append({"epoch": len(run.curve) + 1, **val})
+            run.n_val, run.n_val_anomalous = len(pred.paths), int(pred.labels.sum())
+            if on_epoch is not None:
+                on_epoch(run.record(None, run.last_validation()))
+
         error: str | None = None
         fitted: Fitted | None = None
         metrics: dict[str, float | None] = {}
-        with MemoryMonitor(device) as mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
+        with run.mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
-                fitted = fit_and_predict(spec, args, device, Path(workdir))
-                metrics = compute_metrics(fitted.pred)
+                fitted = fit_and_predict(spec, args, device, Path(workdir), on_val)
+                metrics = compute_metrics(fitted.pred) if fitted.pred is not None else run.last_validation()
             except HarnessError:
                 raise
             except Exception as exc:  # recorded as a failed run, never swallowed
                 last = traceback.extract_tb(exc.__traceback__)[-1]
                 error = f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
-        total_s = time.perf_counter() - t_start
+        return run.record(fitted, metrics, error)
+
+
+def unstarted_record(spec: RunSpec, error: str) -> RunRecord:
+    """A failed record for a sweep's run that could not start where it was sent.
+
+    On a cluster the data or weights may be missing on one node only: the sweep stores that
+    as the run's failure (and goes on) where ``harness run`` would stop with the error.
+    """
+    try:
+        device = resolve_device(spec.device)
+    except HarnessError:
+        device = "cpu"
+    env = fingerprint(device, spec.resources.cpu)
+    now = _now()
     return RunRecord(
         run_id=make_run_id(spec, env["hardware_id"]),
         sweep=spec.sweep,
         study=spec.study,
         model=spec.model,
-        params=_params(spec, args, data),
+        params=spec.params(),
         category=spec.category,
         seed=spec.seed,
         repeat=spec.repeat,
-        status="failed" if error else "ok",
+        status="failed",
         error=error,
-        metrics=metrics,
-        predictions=_predictions(fitted) if fitted else None,
-        timing=_timing(fitted, total_s),
-        memory=mem.result(),
-        data=DataInfo(
-            root=str(data.root),
-            sha256=data.sha256,
-            n_train=fitted.n_train if fitted else None,
-            n_test=len(fitted.pred.paths) if fitted else None,
-        ),
+        metrics={},
+        predictions=None,
+        timing=Timing(fit_s=None, test_s=None, latency_ms_per_image=None, total_s=0.0),
+        memory=Memory(peak_rss_bytes=0, process_peak_rss_bytes=0, peak_gpu_bytes=None),
+        data=DataInfo(root=spec.data.root, sha256=None, n_train=None, n_test=None),
         environment=env,
-        started_at=started,
-        finished_at=_now(),
+        started_at=now,
+        finished_at=now,
+        role=spec.role,
+        selection=spec.selection,
     )

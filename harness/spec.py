@@ -12,12 +12,13 @@ from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
 from harness.models import get_model
 
 Device = Literal["auto", "cpu", "cuda"]
+Role = Literal["run", "trial", "best"]  # a study's run, an HPO trial, a best-config run
 
 
 class StrictModel(BaseModel):
@@ -59,6 +60,72 @@ class TrackingSpec(StrictModel):
     wandb: WandbSpec | None = None
 
 
+class SearchDim(StrictModel):
+    """One dimension of an HPO search space, as Ray Tune samples it.
+
+    ``choice`` takes ``values``; ``uniform``, ``loguniform`` and ``randint`` take ``low`` and
+    ``high`` (``randint``'s ``high`` is exclusive, as in Tune).
+    """
+
+    type: Literal["choice", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = Field(default=None, min_length=1)
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchDim:
+        if self.type == "choice":
+            if self.values is None or self.low is not None or self.high is not None:
+                raise ValueError("choice takes `values` (a non-empty list) and no low/high")
+            return self
+        if self.values is not None or self.low is None or self.high is None:
+            raise ValueError(f"{self.type} takes `low` and `high`, not values")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        if self.type == "randint" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("randint needs integer low and high")
+        return self
+
+    def corners(self) -> list[Any]:
+        """Values that bound what the dimension can sample: each must give a valid spec."""
+        if self.values is not None:
+            return list(self.values)
+        assert self.low is not None
+        assert self.high is not None
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class SchedulerSpec(StrictModel):
+    """Trial scheduler: ASHA stops weak trials at rungs of epochs; FIFO runs every trial out."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2, gt=1)
+
+
+class ValidationSpec(StrictModel):
+    """How HPO trials are scored without the test split.
+
+    ``synthetic``: a fixed-seed ``ratio`` of the training images is held out and anomalib
+    pastes synthetic anomalies onto part of them; the test split is never read by a trial.
+    """
+
+    split: Literal["synthetic"] = "synthetic"
+    ratio: float = Field(default=0.5, gt=0, lt=1)
+
+
+# What a search may vary: the model's arguments and how images are fed, never what the
+# study is (its data, categories, seeds) or how it is scored.
+SEARCHABLE_PREFIXES = ("model_args.",)
+SEARCHABLE_KEYS = ("data.image_size", "data.train_batch_size")
+HPO_METRICS = ("val_image_AUROC", "val_image_F1Max", "val_pixel_AUROC", "val_pixel_AUPRO")
+HPO_ONLY_KEYS = ("search_space", "num_samples", "metric", "mode", "scheduler", "search", "validation")
+
+
 class ExperimentSpec(StrictModel):
     """A whole study as users write it in ``experiments/*.yaml`` (see DESIGN.md)."""
 
@@ -71,7 +138,30 @@ class ExperimentSpec(StrictModel):
     repeats: int = Field(default=1, ge=1, le=100)
     deterministic: bool = True
     resources: ResourcesSpec = ResourcesSpec()
+    # Runs (or trials) in flight at once; 0: as many as the cluster's resources allow.
+    max_concurrent: int = Field(default=0, ge=0)
     tracking: TrackingSpec = TrackingSpec()
+    # study: hpo only.
+    search_space: dict[str, SearchDim] | None = None
+    num_samples: int = Field(default=8, ge=1, le=10_000)
+    metric: Literal["val_image_AUROC", "val_image_F1Max", "val_pixel_AUROC", "val_pixel_AUPRO"] = "val_image_AUROC"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerSpec = SchedulerSpec()
+    search: Literal["random", "optuna", "hyperopt"] = "random"
+    validation: ValidationSpec = ValidationSpec()
+
+    @model_validator(mode="after")
+    def _study_keys(self) -> ExperimentSpec:
+        if self.study == "seeds":
+            stray = [k for k in HPO_ONLY_KEYS if k in self.model_fields_set]
+            if stray:
+                raise ValueError(f"{stray[0]}: only for study: hpo")
+        elif not self.search_space:
+            raise ValueError("search_space: study: hpo needs at least one dimension to search")
+        for key in self.search_space or {}:
+            if not (key.startswith(SEARCHABLE_PREFIXES) or key in SEARCHABLE_KEYS):
+                raise ValueError(f"search_space.{key}: not searchable (model_args.* or {', '.join(SEARCHABLE_KEYS)})")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -111,6 +201,11 @@ class RunSpec(StrictModel):
     deterministic: bool
     resources: ResourcesSpec
     device: Device = "auto"
+    # HPO: a trial is scored on `validation` (never the test split); a best-config run
+    # carries how its configuration was selected.
+    role: Role = "run"
+    validation: ValidationSpec | None = None
+    selection: dict[str, Any] | None = None
 
     def key(self) -> dict[str, Any]:
         """What identifies the run in the store (the run id adds the hardware).
@@ -141,17 +236,20 @@ class RunSpec(StrictModel):
         model_args = dict(self.model_args)
         if model_args.get("weights"):
             model_args["weights"] = PurePath(model_args["weights"]).name
-        return {"model_args": model_args, "data": data, "deterministic": self.deterministic}
+        params = {"model_args": model_args, "data": data, "deterministic": self.deterministic}
+        if self.validation is not None:
+            params["validation"] = self.validation.model_dump(mode="json")
+        return params
 
 
 def _one_line(err: ValidationError, *prefix: str) -> str:
     first = err.errors()[0]
-    where = ".".join([*prefix, *(str(p) for p in first["loc"])]) or "spec"
+    where = ".".join([*prefix, *(str(p) for p in first["loc"])])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {msg}{more}"
+    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
 
 
 def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
@@ -187,6 +285,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]])
 def validate_spec(raw: dict[str, Any], source: str = "") -> ExperimentSpec:
     """Validate a spec document and the model's own arguments; one-line errors (``source: key: why``)."""
     where = f"{source}: " if source else ""
+    spec = _validate(raw, where)
+    # Every value a search can sample must make a valid spec: fail now, not in trial 37.
+    for key, dim in (spec.search_space or {}).items():
+        for value in dim.corners():
+            _validate(apply_overrides(raw, [(key.split("."), value)]), f"{where}search_space.{key}={value!r}: ")
+    return spec
+
+
+def _validate(raw: dict[str, Any], where: str) -> ExperimentSpec:
     try:
         spec = ExperimentSpec.model_validate(raw)
         spec.model_params()
@@ -194,6 +301,12 @@ def validate_spec(raw: dict[str, Any], source: str = "") -> ExperimentSpec:
         prefix = () if err.title == ExperimentSpec.__name__ else ("model_args",)
         raise HarnessError(f"{where}{_one_line(err, *prefix)}") from None
     return spec
+
+
+def with_config(spec: ExperimentSpec, config: dict[str, Any]) -> ExperimentSpec:
+    """The spec with a searched configuration (``{"model_args.lr": 1e-4}``) applied."""
+    overrides = [(key.split("."), value) for key, value in sorted(config.items())]
+    return _validate(apply_overrides(spec.model_dump(mode="json", exclude_unset=True), overrides), "")
 
 
 def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
@@ -209,8 +322,17 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
     return validate_spec(apply_overrides(raw, parse_set(overrides or [])), str(path))
 
 
-def run_spec(spec: ExperimentSpec, category: str, seed: int, repeat: int, device: Device = "auto") -> RunSpec:
-    """One point of the study's grid."""
+def run_spec(
+    spec: ExperimentSpec,
+    category: str,
+    seed: int,
+    repeat: int,
+    device: Device = "auto",
+    *,
+    role: Role = "run",
+    selection: dict[str, Any] | None = None,
+) -> RunSpec:
+    """One point of the study's grid (or one HPO trial, scored on the validation split)."""
     return RunSpec(
         sweep=spec.name,
         study=spec.study,
@@ -223,13 +345,18 @@ def run_spec(spec: ExperimentSpec, category: str, seed: int, repeat: int, device
         deterministic=spec.deterministic,
         resources=spec.resources,
         device=device,
+        role=role,
+        validation=spec.validation if role == "trial" else None,
+        selection=selection,
     )
 
 
-def expand(spec: ExperimentSpec, device: Device = "auto") -> list[RunSpec]:
+def expand(
+    spec: ExperimentSpec, device: Device = "auto", *, role: Role = "run", selection: dict[str, Any] | None = None
+) -> list[RunSpec]:
     """The study's grid, categories x seeds x repeats, in a fixed order."""
     return [
-        run_spec(spec, category, seed, repeat, device)
+        run_spec(spec, category, seed, repeat, device, role=role, selection=selection)
         for category in spec.data.categories
         for seed in spec.seeds
         for repeat in range(spec.repeats)

@@ -55,3 +55,17 @@ class ResultsStore:
     def paths(self) -> Iterator[Path]:
         """Every record file; temp files of unfinished writes start with a dot and are skipped."""
         yield from sorted(p for p in self.root.glob("*/runs/*.json") if not p.name.startswith("."))
+
+    def records(self, sweep: str) -> dict[str, dict[str, Any]]:
+        """The sweep's readable records by run id; an unreadable file counts as no record."""
+        out: dict[str, dict[str, Any]] = {}
+        for path in sorted((self.root / sweep / "runs").glob("*.json")):
+            if path.name.startswith("."):
+                continue
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a damaged file: the run is redone and the file replaced whole
+            if isinstance(record, dict) and record.get("run_id") == path.stem:
+                out[path.stem] = record
+        return out

@@ -29,6 +29,7 @@ class ModelAdapter(Protocol):
     """What the run needs from a model: its arguments, how to build it, how long to train."""
 
     Args: type[ModelArgs]
+    anomaly_maps: bool  # whether it scores pixels too (pixel metrics need it)
 
     def check(self, args: Any) -> None:
         """Fail fast, before the 8 s anomalib import, on what training would trip over."""

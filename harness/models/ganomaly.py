@@ -37,6 +37,7 @@ class GanomalyArgs(ModelArgs):
 @register_model("ganomaly")
 class Ganomaly:
     Args = GanomalyArgs
+    anomaly_maps = False
 
     def check(self, args: GanomalyArgs) -> None:
         pass  # nothing outside the data to check: no pretrained parts

@@ -128,6 +128,7 @@ def hub_offline(enabled: bool) -> Iterator[None]:
 @register_model("patchcore")
 class Patchcore:
     Args = PatchcoreArgs
+    anomaly_maps = True
 
     def check(self, args: PatchcoreArgs) -> None:
         if args.weights:

@@ -1,0 +1,472 @@
+"""The sweep driver: a study's runs on Ray. The only module that imports Ray.
+
+Workers run ``run_one`` (the code of ``harness run``) and hand their records back to the
+driver, which alone writes the store: a cluster needs no shared file system, and a run is
+stored exactly once however often Ray retried it. The store decides what is left to do: a
+run whose ``ok`` record is there is not run again, so rerunning a killed sweep resumes it.
+
+- ``study: seeds``: categories x seeds x repeats as Ray tasks, retried on lost nodes.
+- ``study: hpo``: per category a Ray Tune search scored on a validation split carved from
+  the training images, then the best configuration's runs on the test split, with the
+  spec's seeds and repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from harness.datasets import check_data
+from harness.errors import HarnessError
+from harness.models import get_model
+from harness.spec import ExperimentSpec, RunSpec, expand, run_spec, with_config
+from harness.store import ResultsStore
+
+# Passed from the driver to every worker: on a cluster, workers do not inherit its shell.
+PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "CUBLAS_WORKSPACE_CONFIG")
+# glibc's M_MMAP_THRESHOLD: what MALLOC_MMAP_THRESHOLD_ sets at process start (see cli.py).
+# Ray starts workers itself, so each worker sets it before its first run.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1 << 20
+# System failures (a worker or node lost) are retried elsewhere this many times.
+MAX_RETRIES = 3
+
+
+def _worker_setup(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
+def _node_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _execute(spec_json: str, done: frozenset[str], env: dict[str, str]) -> dict[str, Any]:
+    """A Ray task: one run, or nothing if its ``ok`` record is already stored."""
+    _worker_setup(env)
+    from harness.run import planned_run_id, run_one, unstarted_record
+
+    spec = RunSpec.model_validate_json(spec_json)
+    try:
+        if planned_run_id(spec) in done:
+            return {"skipped": True}
+        record = run_one(spec)
+    except HarnessError as exc:  # data or weights missing on this node
+        record = unstarted_record(spec, str(exc))
+    return {"record": record.model_copy(update={"node_id": _node_id()}).to_json()}
+
+
+def _trial(config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], env: dict[str, str]) -> None:
+    """A Ray Tune trainable: one trial, reporting its validation metrics after each epoch.
+
+    A trial already stored (a resumed search) is replayed from its record, not retrained.
+    """
+    _worker_setup(env)
+    from ray import tune
+
+    from harness.record import RunRecord
+    from harness.run import planned_run_id, run_one
+
+    spec = RunSpec.model_validate_json(base)
+    spec = trial_spec(spec, config)
+    adapter = get_model(spec.model)
+    epochs = adapter.max_epochs(adapter.Args.model_validate(spec.model_args))
+
+    def report(record: RunRecord, epoch: int, final: bool, replayed: bool = False) -> None:
+        rec = record.to_json() if replayed else record.model_copy(update={"node_id": _node_id()}).to_json()
+        point = rec["validation"]["curve"][epoch - 1] if epoch else {}
+        metrics = {k: v for k, v in point.items() if v is not None}
+        tune.report({**metrics, "record": rec, "final": final, "replayed": replayed})
+
+    stored = done.get(planned_run_id(spec))
+    if stored is not None:  # the scheduler sees the stored curve again, as it was
+        record = RunRecord.from_json(stored)
+        curve = record.validation.curve if record.validation else []
+        for i in range(1, len(curve) + 1):
+            report(record, i, final=i == len(curve) and not record.validation.stopped_early, replayed=True)  # type: ignore[union-attr]
+        return
+
+    def on_epoch(record: RunRecord) -> None:
+        n = len(record.validation.curve)  # type: ignore[union-attr]
+        if n < epochs:  # the last epoch is reported below, with the finished record
+            report(record, n, final=False)
+
+    record = run_one(spec, on_epoch=on_epoch)
+    report(record, len(record.validation.curve) if record.validation else 0, final=True)
+
+
+def trial_spec(base: RunSpec, config: dict[str, Any]) -> RunSpec:
+    """A trial's run: the base trial with the sampled values (dotted spec keys) applied."""
+    doc = base.model_dump(mode="json")
+    for key, value in config.items():
+        section, name = key.split(".", 1)
+        doc[section] = {**doc[section], name: value}
+    doc["selection"] = {"config": dict(sorted(config.items()))}
+    return RunSpec.model_validate(doc)
+
+
+@dataclass
+class Progress:
+    """Live progress on stdout: runs done / failed / total and an ETA, one line per event."""
+
+    total: int
+    out: TextIO = sys.stdout
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    skipped: int = 0
+    lost: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.ok + len(self.failed) + self.skipped + len(self.lost)
+
+    def eta(self) -> str:
+        ran = self.ok + len(self.failed) + len(self.lost)
+        left = self.total - self.finished
+        if not ran or not left:
+            return "-" if left else "0s"
+        secs = (time.monotonic() - self.started) / ran * left
+        return f"{int(secs // 60)}m{int(secs % 60):02d}s"
+
+    def event(self, what: str) -> None:
+        counts = f"{self.finished}/{self.total} done, {len(self.failed)} failed, {self.skipped} already stored"
+        print(f"[{counts}, eta {self.eta()}] {what}", file=self.out, flush=True)
+
+    def record(self, record: dict[str, Any]) -> None:
+        name = describe(record)
+        if record["status"] == "ok":
+            self.ok += 1
+            metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()) if v is not None)
+            self.event(f"ok {name} {metrics} ({record['timing']['total_s']:.1f}s)")
+        else:
+            self.failed.append(f"{name}: {(record['error'] or '').splitlines()[0]}")
+            self.event(f"FAILED {self.failed[-1]}")
+
+
+def describe(record: dict[str, Any] | RunSpec) -> str:
+    """``ganomaly disc seed=0 r0`` (plus the sampled values for a trial)."""
+    get = record.get if isinstance(record, dict) else lambda k: getattr(record, k)
+    name = f"{get('model')} {get('category')} seed={get('seed')} r{get('repeat')}"
+    if get("role") == "trial":
+        config = (get("selection") or {}).get("config", {})
+        name += " trial " + ",".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in config.items())
+    return name
+
+
+@contextlib.contextmanager
+def cluster(address: str | None) -> Iterator[None]:
+    """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    try:
+        if address is None:
+            # The embedded default: this machine only, on loopback, no dashboard (half the memory).
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)  # type: ignore[arg-type]
+        else:
+            ray.init(address=address, **quiet)  # type: ignore[arg-type]
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(spec: ExperimentSpec) -> None:
+    """Refuse, before any run, a per-run request that no node of the cluster can meet."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for key, name in (("cpu", "CPU"), ("gpu", "GPU")):
+        want = getattr(spec.resources, key)
+        most = max((float(n.get(name, 0)) for n in nodes), default=0.0)
+        if want > most:
+            raise HarnessError(
+                f"resources.{key}={want:g} per run, but no node of this cluster has more than {most:g} {name}s "
+                f"(lower it with --set resources.{key}=...)"
+            )
+
+
+def _options(spec: ExperimentSpec) -> dict[str, Any]:
+    return {"num_cpus": spec.resources.cpu, "num_gpus": spec.resources.gpu}
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+
+
+def _ok_ids(store: ResultsStore, sweep: str, role: str) -> frozenset[str]:
+    records = store.records(sweep).values()
+    return frozenset(r["run_id"] for r in records if r.get("status") == "ok" and r.get("role", "run") == role)
+
+
+def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, progress: Progress) -> None:
+    """Run each spec as a Ray task; store each record as it comes back."""
+    import ray
+    from ray.exceptions import RayError
+
+    if not runs:
+        return
+    done = ray.put(_ok_ids(store, spec.name, runs[0].role))
+    task = ray.remote(_execute).options(
+        max_retries=MAX_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD", **_options(spec)
+    )
+    env = _worker_env()
+    pending = list(reversed(runs))
+    in_flight: dict[Any, RunSpec] = {}
+    limit = spec.max_concurrent or len(runs)
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            run = pending.pop()
+            in_flight[task.remote(run.model_dump_json(), done, env)] = run
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            run = in_flight.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayError as exc:  # retries exhausted: nothing stored, a rerun retries it
+                progress.lost.append(f"{describe(run)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                progress.event(f"LOST {progress.lost[-1]}")
+                continue
+            if out.get("skipped"):
+                progress.skipped += 1
+                progress.event(f"already stored {describe(run)}")
+                continue
+            store.put(out["record"])
+            progress.record(out["record"])
+
+
+def _tune_dim(dim: Any) -> Any:
+    from ray import tune
+
+    if dim.type == "choice":
+        return tune.choice(dim.values)
+    if dim.type == "randint":
+        return tune.randint(int(dim.low), int(dim.high))
+    return getattr(tune, dim.type)(dim.low, dim.high)
+
+
+def _searcher(spec: ExperimentSpec) -> Any:
+    """Random search by default; Optuna (TPE) or HyperOpt when the spec names them. All seeded."""
+    seed = spec.seeds[0]
+    if spec.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
+    try:
+        if spec.search == "optuna":
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            return OptunaSearch(seed=seed)
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=seed)
+    except ImportError as exc:
+        raise HarnessError(f"search: {spec.search} needs its package ({exc.name} is not installed)") from None
+
+
+def _scheduler(spec: ExperimentSpec, max_t: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        max_t=max_t,
+        grace_period=min(spec.scheduler.grace_period, max_t),
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def _max_epochs(spec: ExperimentSpec) -> int:
+    """The most epochs any trial can train: ASHA's last rung."""
+    adapter = get_model(spec.model)
+    dims = spec.search_space or {}
+    corners: list[dict[str, Any]] = [{}] + [{k: v} for k, d in dims.items() for v in d.corners()]
+    return max(adapter.max_epochs(adapter.Args.model_validate(with_config(spec, c).model_args)) for c in corners)
+
+
+def _last_line(path: str | None) -> str:
+    """The exception line of a Tune error file (its traceback is in the file)."""
+    try:
+        lines = [ln for ln in Path(path or "").read_text().splitlines() if ln.strip()]
+    except OSError:
+        return f"see {path}"
+    return lines[-1] if lines else f"see {path}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value)
+
+
+def search(
+    spec: ExperimentSpec, category: str, store: ResultsStore, storage: Path, progress: Progress
+) -> dict[str, Any] | None:
+    """One category's search; returns how the best configuration was selected (None if none was)."""
+    # Records go to the store; Tune's own loggers and console tables would only repeat them.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    base = run_spec(spec, category, spec.seeds[0], 0, role="trial")
+    done = {i: r for i, r in store.records(spec.name).items() if r.get("role") == "trial" and r["status"] == "ok"}
+    print(
+        f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
+        f"selected on {spec.metric} ({spec.validation.split} validation split, ratio {spec.validation.ratio:g})"
+    )
+
+    finished: list[dict[str, Any]] = []  # trials trained to their last epoch
+
+    class StoreTrials(tune.Callback):  # the driver stores each trial as it ends
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            if "record" not in result:
+                return
+            record = result["record"]
+            if result.get("replayed"):
+                progress.skipped += 1
+                progress.event(f"already stored {describe(record)}")
+            else:
+                if record["status"] == "ok" and not result["final"]:
+                    record["validation"]["stopped_early"] = True
+                store.put(record)
+                progress.record(record)
+            if record["status"] == "ok" and not record["validation"]["stopped_early"]:
+                finished.append(record)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            progress.lost.append(f"trial {trial.trial_id}: {_last_line(trial.error_file)}")
+            progress.event(f"LOST {progress.lost[-1]}")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base.model_dump_json(), done=done, env=_worker_env()),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: _tune_dim(d) for k, d in (spec.search_space or {}).items()},
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            search_alg=_searcher(spec),
+            scheduler=_scheduler(spec, _max_epochs(spec)),
+            max_concurrent_trials=spec.max_concurrent or None,
+            reuse_actors=True,  # a new process per trial costs the anomalib import again
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{category}",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
+            callbacks=[StoreTrials()],
+            verbose=0,
+        ),
+    )
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no Tune logs: none to read
+    grid = tuner.fit()
+    # fit() returns normally when trials failed: their errors are in the grid (and counted as lost).
+    candidates = [r for r in finished if _finite(r["metrics"].get(spec.metric))]
+    print(
+        f"search {category}: {len(grid)} trials, {len(finished)} trained to their last epoch, "
+        f"{len(progress.failed)} failed, {len(grid.errors)} lost"
+    )
+    if not candidates:
+        return None
+    sign = 1 if spec.mode == "max" else -1
+    best = max(candidates, key=lambda r: (sign * r["metrics"][spec.metric], r["run_id"]))
+    return {
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "value": best["metrics"][spec.metric],
+        "trial_run_id": best["run_id"],
+        "config": best["selection"]["config"],
+        "n_trials": len(grid),
+        "n_completed": len(finished),
+        "search": spec.search,
+        "scheduler": spec.scheduler.name,
+        "validation": spec.validation.model_dump(mode="json"),
+        "rule": f"{spec.mode} of last-epoch {spec.metric} among trials trained to their last epoch",
+    }
+
+
+@dataclass
+class SweepResult:
+    ok: int
+    failed: list[str]
+    skipped: int
+    lost: list[str]
+
+    @property
+    def clean(self) -> bool:
+        return not (self.failed or self.lost)
+
+    def add(self, progress: Progress) -> None:
+        self.ok += progress.ok
+        self.failed += progress.failed
+        self.skipped += progress.skipped
+        self.lost += progress.lost
+
+
+def preflight(spec: ExperimentSpec, address: str | None) -> None:
+    """Checks that need no cluster: data where the driver can see it, the metric, the searcher."""
+    if spec.study == "hpo" and spec.metric.startswith("val_pixel") and not get_model(spec.model).anomaly_maps:
+        raise HarnessError(f"metric: {spec.model} makes no anomaly maps; use val_image_AUROC or val_image_F1Max")
+    root = Path(spec.data.root).expanduser()
+    # On a cluster the data may live on the workers only: they check it there.
+    if address is None or root.exists():
+        for category in spec.data.categories:
+            check_data(spec.data, category)
+    if spec.study == "hpo":
+        _searcher(spec)
+
+
+def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
+    """Run a whole study; records land in ``results/<name>/runs/``."""
+    store = ResultsStore(results)
+    store.check_writable()
+    preflight(spec, address)
+    tally = SweepResult(0, [], 0, [])
+
+    def run(runs: list[RunSpec]) -> None:
+        progress = Progress(len(runs))
+        run_grid(runs, spec, store, progress)
+        tally.add(progress)
+
+    with cluster(address):
+        check_resources(spec)
+        if spec.study == "seeds":
+            run(expand(spec))
+            return tally
+        storage = Path(results).resolve() / spec.name / "tune"
+        for category in spec.data.categories:
+            trials = Progress(spec.num_samples)
+            selection = search(spec, category, store, storage, trials)
+            tally.add(trials)
+            if selection is None:
+                tally.failed.append(f"{category}: no trial finished; nothing to select")
+                continue
+            print(
+                f"best {category}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
+                f"its runs on the test split:"
+            )
+            best = with_config(spec, selection["config"])
+            run([r for r in expand(best, role="best", selection=selection) if r.category == category])
+    return tally
