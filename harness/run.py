@@ -169,11 +169,12 @@ class Fitted:
     n_val: int | None
 
 
-ValidationHook = Callable[[Predicted], None]
+ValidationHook = Callable[[Predicted, int], None]  # an epoch's predictions, train images
 
 
 def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
-    """A Lightning callback that hands each epoch's raw validation predictions to ``on_scores``.
+    """A Lightning callback that hands each epoch's raw validation predictions to ``on_scores``
+    (with the number of training images, which the split decided).
 
     Callbacks see a batch before the module's own ``on_validation_batch_end``, where GANomaly
     min-max normalises scores with a running min/max; the raw scores are copied first.
@@ -195,7 +196,7 @@ def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
 
         def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             if not trainer.sanity_checking and self.batches:
-                on_scores(collect(self.batches, base))
+                on_scores(collect(self.batches, base), len(trainer.datamodule.train_data))
 
     return ValidationScores()
 
@@ -291,6 +292,7 @@ class _Run:
         self.mem = MemoryMonitor(device)
         self.curve: list[dict[str, int | float | None]] = []  # a trial's validation metrics per epoch
         self.n_val = self.n_val_anomalous = 0
+        self.n_train: int | None = None  # known once the data is split
 
     def _validation(self) -> ValidationInfo | None:
         if self.spec.validation is None:
@@ -324,7 +326,7 @@ class _Run:
             data=DataInfo(
                 root=str(self.data.root),
                 sha256=self.data.sha256,
-                n_train=fitted.n_train if fitted else None,
+                n_train=fitted.n_train if fitted else self.n_train,
                 n_test=len(pred.paths) if pred is not None else None,
             ),
             environment=self.env,
@@ -358,10 +360,10 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None) -> RunRecord:
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
         run = _Run(spec, data, args, device)
 
-        def on_val(pred: Predicted) -> None:
+        def on_val(pred: Predicted, n_train: int) -> None:
             val = {f"val_{k}": v for k, v in compute_metrics(pred).items()}
             run.curve.append({"epoch": len(run.curve) + 1, **val})
-            run.n_val, run.n_val_anomalous = len(pred.paths), int(pred.labels.sum())
+            run.n_val, run.n_val_anomalous, run.n_train = len(pred.paths), int(pred.labels.sum()), n_train
             if on_epoch is not None:
                 on_epoch(run.record(None, run.last_validation()))
 

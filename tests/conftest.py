@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +91,49 @@ def folder_layout(src: Path, dst: Path, masks: bool) -> None:
                     src / "ground_truth" / defect_dir.name / f"{p.stem}_mask.png",
                     cat / "masks" / f"{defect_dir.name}_{p.stem}_mask.png",
                 )
+
+
+def _ray_processes(tmp: Path) -> list[Any]:
+    """Processes of one test's Ray cluster: their command line or RAY_TMPDIR names its temp dir.
+
+    Worker processes retitle themselves (``ray::IDLE``), so the environment is checked too.
+    """
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if str(tmp) in cmd or proc.environ().get("RAY_TMPDIR") == str(tmp):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_ray_processes(tmp: Path, grace_s: float = 10.0) -> int:
+    """Stop what is left of one test's cluster, by PID (never by name: other clusters live here).
+
+    Returns how many processes were still there after ``grace_s``.
+    """
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while (left := _ray_processes(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    return len(left)
+
+
+@pytest.fixture
+def ray_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temp dir of the test's own for Ray (short: Ray's socket paths have a length limit)."""
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp))
+    yield tmp
+    kill_ray_processes(tmp, grace_s=2)
+    shutil.rmtree(tmp, ignore_errors=True)
