@@ -6,7 +6,7 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.run import make_run_id
-from harness.spec import apply_overrides, expand, load_spec, parse_set, validate_spec
+from harness.spec import apply_overrides, expand, load_spec, parse_set, run_spec, validate_spec, with_config
 
 BASE = {"model": "patchcore", "data": {"root": "/data", "categories": ["bottle", "screw"]}}
 
@@ -101,3 +101,92 @@ def test_load_spec_file(tmp_path: Path) -> None:
         load_spec(path)
     with pytest.raises(HarnessError, match="spec not found"):
         load_spec(tmp_path / "missing.yaml")
+
+
+HPO = {
+    **BASE,
+    "model": "ganomaly",
+    "study": "hpo",
+    "search_space": {
+        "model_args.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "model_args.n_features": {"type": "choice", "values": [16, 32]},
+        "data.train_batch_size": {"type": "randint", "low": 4, "high": 9},
+    },
+}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml")))
+def test_shipped_specs_load_and_say_what_they_reach(path: Path) -> None:
+    spec = load_spec(path)
+    assert "Reaches:" in path.read_text()
+    assert expand(spec)
+
+
+def test_the_mvtec_studies_are_full_size() -> None:
+    root = Path(__file__).parent.parent / "experiments"
+    seeds = load_spec(root / "patchcore_seeds.yaml")
+    assert len(expand(seeds)) == 15 * 5 * 2
+    hpo = load_spec(root / "ganomaly_hpo.yaml")
+    assert {"model_args.lr", "model_args.latent_vec_size", "model_args.n_features", "model_args.wcon"} <= set(
+        hpo.search_space or {}
+    )
+    assert {"data.train_batch_size", "model_args.max_epochs"} <= set(hpo.search_space or {})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"search_space": {}}, "search_space: study: hpo needs at least one dimension"),
+        ({"search_space": {"model_args.lr": {"type": "loguniform", "low": 0, "high": 1}}}, "loguniform needs low > 0"),
+        ({"search_space": {"model_args.lr": {"type": "uniform", "low": 2, "high": 1}}}, "low (2.0) must be below"),
+        ({"search_space": {"model_args.lr": {"type": "choice", "values": []}}}, "search_space.model_args.lr.values"),
+        (
+            {"search_space": {"model_args.lr": {"type": "normal", "low": 0, "high": 1}}},
+            "search_space.model_args.lr.type",
+        ),
+        ({"search_space": {"seeds": {"type": "choice", "values": [1]}}}, "search_space.seeds: not searchable"),
+        ({"search_space": {"model_args.lrate": {"type": "choice", "values": [1]}}}, "model_args.lrate: unknown key"),
+        (
+            {"search_space": {"model_args.n_features": {"type": "randint", "low": 0, "high": 4}}},
+            "search_space.model_args.n_features=0: model_args.n_features: Input should be greater",
+        ),
+        ({"search": "bayes"}, "search: Input should be 'random', 'optuna' or 'hyperopt'"),
+        ({"scheduler": {"name": "asha", "grace": 2}}, "scheduler.grace: unknown key"),
+        ({"validation": {"split": "synthetic", "ratio": 1.0}}, "validation.ratio: Input should be less than 1"),
+        ({"metric": "image_AUROC"}, "metric: Input should be 'val_image_AUROC'"),
+    ],
+)
+def test_bad_hpo_specs_name_the_key(override: dict, message: str) -> None:
+    with pytest.raises(HarnessError) as err:
+        validate_spec({**HPO, **override}, "hpo.yaml")
+    assert str(err.value).startswith("hpo.yaml: ")
+    assert message in str(err.value)
+
+
+def test_hpo_keys_belong_to_hpo_studies() -> None:
+    with pytest.raises(HarnessError, match="num_samples: only for study: hpo"):
+        validate_spec({**BASE, "num_samples": 4})
+
+
+def test_a_searched_config_is_applied_to_the_run() -> None:
+    from harness.sweep import trial_spec
+
+    spec = validate_spec(HPO)
+    best = with_config(spec, {"model_args.lr": 1e-4, "data.train_batch_size": 6})
+    assert best.model_args["lr"] == 1e-4
+    assert best.data.train_batch_size == 6
+    assert best.search_space == spec.search_space
+
+    base = run_spec(spec, "bottle", 0, 0, role="trial")
+    trial = trial_spec(base, {"model_args.lr": 3e-4, "model_args.n_features": 16})
+    assert trial.model_args["lr"] == 3e-4
+    assert trial.model_args["n_features"] == 16
+    assert trial.validation is not None
+    assert trial.params()["validation"] == {"split": "synthetic", "ratio": 0.5}
+    assert trial.selection == {"config": {"model_args.lr": 3e-4, "model_args.n_features": 16}}
+    # Trials differ from each other and from the test runs by what defines them.
+    other = trial_spec(base, {"model_args.lr": 2e-4, "model_args.n_features": 16})
+    assert make_run_id(trial, "hw") != make_run_id(other, "hw")
+    assert make_run_id(trial, "hw") != make_run_id(
+        run_spec(with_config(spec, {"model_args.lr": 3e-4}), "bottle", 0, 0), "hw"
+    )
