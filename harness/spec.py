@@ -123,7 +123,7 @@ class ValidationSpec(StrictModel):
 SEARCHABLE_PREFIXES = ("model_args.",)
 SEARCHABLE_KEYS = ("data.image_size", "data.train_batch_size")
 HPO_METRICS = ("val_image_AUROC", "val_image_F1Max", "val_pixel_AUROC", "val_pixel_AUPRO")
-HPO_ONLY_KEYS = ("search_space", "num_samples", "metric", "mode", "scheduler", "search", "validation")
+HPO_ONLY_KEYS = ("search_space", "num_samples", "metric", "mode", "scheduler", "search", "validation", "tune_storage")
 
 
 class ExperimentSpec(StrictModel):
@@ -149,6 +149,9 @@ class ExperimentSpec(StrictModel):
     scheduler: SchedulerSpec = SchedulerSpec()
     search: Literal["random", "optuna", "hyperopt"] = "random"
     validation: ValidationSpec = ValidationSpec()
+    # Ray Tune's storage_path: a path all nodes share, or a URI (s3://, gs://); default
+    # RESULTS/<name>/tune on the driver. Tune keeps its trial logs there, the store the records.
+    tune_storage: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _study_keys(self) -> ExperimentSpec:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import math
 import os
@@ -270,18 +271,17 @@ def _searcher(spec: ExperimentSpec) -> Any:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=seed)
-    try:
-        if spec.search == "optuna":
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
+    if importlib.util.find_spec(spec.search) is None:  # Ray's wrappers import, then fail on use
+        raise HarnessError(f"search: {spec.search} needs its package (pip install {spec.search})")
+    if spec.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            return OptunaSearch(seed=seed)
-        from ray.tune.search.hyperopt import HyperOptSearch
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(seed=seed)
+    from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=seed)
-    except ImportError as exc:
-        raise HarnessError(f"search: {spec.search} needs its package ({exc.name} is not installed)") from None
+    return HyperOptSearch(random_state_seed=seed)
 
 
 def _scheduler(spec: ExperimentSpec, max_t: int) -> Any:
@@ -318,7 +318,7 @@ def _finite(value: Any) -> bool:
 
 
 def search(
-    spec: ExperimentSpec, category: str, store: ResultsStore, storage: Path, progress: Progress
+    spec: ExperimentSpec, category: str, store: ResultsStore, storage: str, progress: Progress
 ) -> dict[str, Any] | None:
     """One category's search; returns how the best configuration was selected (None if none was)."""
     # Records go to the store; Tune's own loggers and console tables would only repeat them.
@@ -374,7 +374,7 @@ def search(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{category}",
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[StoreTrials()],
             verbose=0,
@@ -455,7 +455,7 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
         if spec.study == "seeds":
             run(expand(spec))
             return tally
-        storage = Path(results).resolve() / spec.name / "tune"
+        storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
         for category in spec.data.categories:
             trials = Progress(spec.num_samples)
             selection = search(spec, category, store, storage, trials)

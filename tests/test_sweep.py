@@ -374,3 +374,28 @@ def test_impossible_resources_fail_before_any_run(tmp_path: Path, synth_root: Pa
     assert "resources.cpu=64 per run, but no node of this cluster has more than" in out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert not list(ResultsStore(tmp_path / "results").paths())
+
+
+def test_searchers_are_seeded_and_named_ones_need_their_package() -> None:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from harness.errors import HarnessError
+    from harness.sweep import _max_epochs, _searcher
+
+    hpo = load_spec(REPO / "experiments" / "ganomaly_hpo.yaml")
+    assert isinstance(_searcher(hpo), BasicVariantGenerator)
+    assert isinstance(_searcher(hpo.model_copy(update={"search": "optuna"})), OptunaSearch)
+    try:
+        import hyperopt  # noqa: F401
+    except ImportError:
+        with pytest.raises(HarnessError, match="search: hyperopt needs its package"):
+            _searcher(hpo.model_copy(update={"search": "hyperopt"}))
+    assert _max_epochs(hpo) == 40  # ASHA's last rung: the most epochs a trial can be given
+
+
+def test_pixel_metrics_need_a_model_with_maps(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "s.yaml", SMOKE_HPO, metric="val_pixel_AUROC")
+    out = sweep_cli(spec, tmp_path / "results")
+    assert out.returncode == 2
+    assert "metric: ganomaly makes no anomaly maps" in out.stderr
