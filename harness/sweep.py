@@ -76,10 +76,12 @@ def _trial(config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], e
     A trial already stored (a resumed search) is replayed from its record, not retrained.
     """
     _worker_setup(env)
+    # Tune runs a trial inside its log folder; relative data paths mean the worker's own folder.
+    os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
     from ray import tune
 
     from harness.record import RunRecord
-    from harness.run import planned_run_id, run_one
+    from harness.run import planned_run_id, run_one, unstarted_record
 
     spec = RunSpec.model_validate_json(base)
     spec = trial_spec(spec, config)
@@ -105,7 +107,10 @@ def _trial(config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], e
         if n < epochs:  # the last epoch is reported below, with the finished record
             report(record, n, final=False)
 
-    record = run_one(spec, on_epoch=on_epoch)
+    try:
+        record = run_one(spec, on_epoch=on_epoch)
+    except HarnessError as exc:  # data or weights missing on this node
+        record = unstarted_record(spec, str(exc))
     report(record, len(record.validation.curve) if record.validation else 0, final=True)
 
 
@@ -380,7 +385,9 @@ def search(
             verbose=0,
         ),
     )
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no Tune logs: none to read
+    # Lost trials are reported above, once; Tune would log each with its traceback, and
+    # complain that the logs it was told not to write are missing.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     grid = tuner.fit()
     # fit() returns normally when trials failed: their errors are in the grid (and counted as lost).
     candidates = [r for r in finished if _finite(r["metrics"].get(spec.metric))]

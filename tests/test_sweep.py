@@ -27,12 +27,13 @@ SMOKE = REPO / "experiments" / "smoke.yaml"
 SMOKE_HPO = REPO / "experiments" / "smoke_hpo.yaml"
 
 
-def sweep_cli(spec: Path, results: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def sweep_cli(spec: Path, results: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "harness", "sweep", str(spec), "--results", str(results), *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=600,
+        cwd=cwd,
     )
 
 
@@ -152,7 +153,11 @@ def test_hpo_selects_on_validation_then_runs_the_best_config_per_seed(
     tmp_path: Path, synth_root: Path, ray_tmp: Path
 ) -> None:
     results = tmp_path / "results"
-    out = sweep_cli(SMOKE_HPO, results, "--set", f"data.root={synth_root}")
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "synth").symlink_to(synth_root)
+    # The spec's relative data root, as users run it: trials must not lose it (Tune runs them
+    # inside their log folders).
+    out = sweep_cli(SMOKE_HPO, results, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     recs = records(results)
     trials = [r for r in recs if r["role"] == "trial"]
@@ -185,7 +190,7 @@ def test_hpo_selects_on_validation_then_runs_the_best_config_per_seed(
     assert "search disc: 4 trials" in out.stdout
 
     before = snapshot(results)
-    again = sweep_cli(SMOKE_HPO, results, "--set", f"data.root={synth_root}")
+    again = sweep_cli(SMOKE_HPO, results, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 ok, 0 failed, 0 lost, 6 already stored" in again.stdout
     assert snapshot(results) == before
