@@ -201,7 +201,9 @@ def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
     return ValidationScores()
 
 
-def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path, on_val: ValidationHook) -> Fitted:
+def fit_and_predict(
+    spec: RunSpec, args: ModelArgs, device: str, workdir: Path, on_val: ValidationHook | None = None
+) -> Fitted:
     """Train through anomalib's Engine; predict the test split, or for a trial validate each epoch."""
     from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
@@ -225,7 +227,7 @@ def fit_and_predict(spec: RunSpec, args: ModelArgs, device: str, workdir: Path, 
         barebones=True,  # no checkpoints, no files: the store is the only output
         limit_val_batches=1.0 if trial else 0,
         num_sanity_val_steps=0,
-        callbacks=[_validation_scores(on_val, base)] if trial else None,
+        callbacks=[_validation_scores(on_val, base)] if trial and on_val else None,
         deterministic=spec.deterministic,
         max_epochs=adapter.max_epochs(args),
     )

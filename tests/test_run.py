@@ -110,6 +110,7 @@ def test_image_auroc_recomputes_from_stored_scores(model: str, synth_root: Path)
 def test_pixel_auroc_matches_sklearn_on_the_raw_maps(synth_root: Path, tmp_path: Path) -> None:
     spec = make_run_spec("patchcore", synth_root)
     pred = fit_and_predict(spec, PatchcoreArgs.model_validate(spec.model_args), "cpu", tmp_path).pred
+    assert pred is not None
     metrics = compute_metrics(pred)
     assert pred.maps is not None
     assert pred.masks is not None
