@@ -38,6 +38,7 @@ PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "CUBLAS_W
 # Ray starts workers itself, so each worker sets it before its first run.
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 1 << 20
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # System failures (a worker or node lost) are retried elsewhere this many times.
 MAX_RETRIES = 3
 
@@ -176,14 +177,18 @@ def describe(record: dict[str, Any] | RunSpec) -> str:
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[None]:
     """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        # The embedded default is this machine only: on loopback, reachable from no other host.
+        # Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch
+        # for single-machine Ray (named for Windows and macOS); it is read when Ray is imported.
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address is None:
-            # The embedded default: this machine only, on loopback, no dashboard (half the memory).
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)  # type: ignore[arg-type]
+            ray.init(include_dashboard=False, **quiet)  # type: ignore[arg-type]  # no dashboard: half the memory
         else:
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
     except (ConnectionError, RuntimeError, ValueError) as exc:

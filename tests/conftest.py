@@ -18,6 +18,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Every Ray node a test starts listens on loopback only (see harness.sweep.cluster).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from harness.spec import RunSpec, run_spec, validate_spec
 from harness.synth import synth
