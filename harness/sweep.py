@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -183,6 +184,8 @@ def cluster(address: str | None) -> Iterator[None]:
         # Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch
         # for single-machine Ray (named for Windows and macOS); it is read when Ray is imported.
         os.environ.setdefault(LOOPBACK_ENV, "0")
+    else:
+        _check_reachable(address)
     import ray
 
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
@@ -198,6 +201,17 @@ def cluster(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT that nothing answers on is an error now (Ray would retry it for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # `auto`, or a ray:// client address: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise HarnessError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
 def check_resources(spec: ExperimentSpec) -> None:

@@ -404,3 +404,11 @@ def test_pixel_metrics_need_a_model_with_maps(tmp_path: Path) -> None:
     out = sweep_cli(spec, tmp_path / "results")
     assert out.returncode == 2
     assert "metric: ganomaly makes no anomaly maps" in out.stderr
+
+
+def test_an_address_nothing_answers_on_is_one_line(tmp_path: Path, synth_root: Path) -> None:
+    spec = write_spec(tmp_path / "s.yaml", SMOKE, data__root=str(synth_root))
+    out = sweep_cli(spec, tmp_path / "results", "--address", f"127.0.0.1:{_free_port()}")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert "no Ray cluster answers there" in out.stderr
