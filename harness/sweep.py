@@ -348,6 +348,8 @@ def search(
     # Records go to the store; Tune's own loggers and console tables would only repeat them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C stops the sweep: Tune would otherwise end the search early and carry on with it.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
 
     base = run_spec(spec, category, spec.seeds[0], 0, role="trial")
