@@ -165,7 +165,7 @@ def build_datamodule(data: DataSpec, category: str, validation: ValidationSpec |
     }
     if validation:
         common["val_split_ratio"] = validation.ratio
-    root = Path(data.root).expanduser()
+    root = Path(data.root).expanduser().resolve()  # absolute: a split may be built from another folder
     if data.format == "mvtec":
         from anomalib.data import MVTecAD
 

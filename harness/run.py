@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.datasets import DataCheck, build_datamodule, check_data
+from harness.datasets import DATA_SPLIT_SEED, DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
 from harness.fingerprint import cpu_model, cuda_facts, fingerprint, hardware_id
@@ -201,6 +201,38 @@ def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
     return ValidationScores()
 
 
+@contextlib.contextmanager
+def _fixed_rng(seed: int) -> Iterator[None]:
+    """Draw from RNGs seeded with ``seed`` inside, and leave the run's own RNG states as they were."""
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def _build_validation_split(datamodule: Any, workdir: Path) -> None:
+    """Build a trial's validation split now, the same for every trial of a search.
+
+    anomalib picks which held-out images get synthetic anomalies with numpy's global RNG and
+    draws the anomalies from torch's, whose states by then depend on the trial's model
+    (its initialisation draws from them): the draws are made from a fixed seed instead. It
+    takes anomaly textures from ``./datasets/dtd`` when that exists in the working folder,
+    so the split is built from an empty one: always Perlin noise, wherever the trial runs.
+    """
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    with _fixed_rng(DATA_SPLIT_SEED), contextlib.chdir(workdir):
+        datamodule.setup(TrainerFn.FITTING)  # a trainer-stage setup: fit() does not redo it
+
+
 def fit_and_predict(
     spec: RunSpec, args: ModelArgs, device: str, workdir: Path, on_val: ValidationHook | None = None
 ) -> Fitted:
@@ -219,6 +251,8 @@ def fit_and_predict(
     datamodule = build_datamodule(spec.data, spec.category, spec.validation)
     base = Path(spec.data.root).expanduser() / spec.category
     trial = spec.validation is not None
+    if trial:
+        _build_validation_split(datamodule, workdir)
     engine = Engine(
         default_root_dir=workdir,
         accelerator="gpu" if device.startswith("cuda") else "cpu",

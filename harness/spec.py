@@ -218,7 +218,7 @@ class RunSpec(StrictModel):
         them is hashed into the record, not here, so a driver can decide what to resume
         without reading the data.
         """
-        return {
+        key = {
             "sweep": self.sweep,
             "model": self.model,
             "params": self.params(),
@@ -227,6 +227,12 @@ class RunSpec(StrictModel):
             "seed": self.seed,
             "repeat": self.repeat,
         }
+        if self.role != "run":  # (a study's runs keep the ids they had before roles existed)
+            key["role"] = self.role
+        if self.role == "best" and self.selection:
+            # Chosen by another rule or from another trial: another run, not a stored one.
+            key["selected_by"] = {k: self.selection.get(k) for k in ("metric", "mode", "trial_run_id")}
+        return key
 
     def params(self) -> dict[str, Any]:
         """Model and data settings, with no machine's paths in them.

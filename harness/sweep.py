@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from harness.datasets import check_data
 from harness.errors import HarnessError
 from harness.models import get_model
-from harness.spec import ExperimentSpec, RunSpec, expand, run_spec, with_config
+from harness.spec import Device, ExperimentSpec, RunSpec, expand, run_spec, with_config
 from harness.store import ResultsStore
 
 # Passed from the driver to every worker: on a cluster, workers do not inherit its shell.
@@ -67,12 +67,18 @@ def _execute(spec_json: str, done: frozenset[str], env: dict[str, str]) -> dict[
         if planned_run_id(spec) in done:
             return {"skipped": True}
         record = run_one(spec)
-    except HarnessError as exc:  # data or weights missing on this node
-        record = unstarted_record(spec, str(exc))
+    except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
+        record = unstarted_record(spec, _error(exc))
     return {"record": record.model_copy(update={"node_id": _node_id()}).to_json()}
 
 
-def _trial(config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], env: dict[str, str]) -> None:
+def _error(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
+
+
+def _trial(
+    config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], env: dict[str, str], metric: str, worst: float
+) -> None:
     """A Ray Tune trainable: one trial, reporting its validation metrics after each epoch.
 
     A trial already stored (a resumed search) is replayed from its record, not retrained.
@@ -94,25 +100,32 @@ def _trial(config: dict[str, Any], base: str, done: dict[str, dict[str, Any]], e
         rec = record.to_json() if replayed else record.model_copy(update={"node_id": _node_id()}).to_json()
         point = rec["validation"]["curve"][epoch - 1] if epoch else {}
         metrics = {k: v for k, v in point.items() if v is not None}
-        tune.report({**metrics, "record": rec, "final": final, "replayed": replayed})
+        # Tune wants the metric in every result: a failed or unscored trial ranks last.
+        tune.report({metric: worst, **metrics, "record": rec, "final": final, "replayed": replayed})
 
+    # A stored trial is replayed to the scheduler; one it had stopped early and that the
+    # scheduler now lets through is trained again (the same seed gives the same curve).
     stored = done.get(planned_run_id(spec))
-    if stored is not None:  # the scheduler sees the stored curve again, as it was
+    replayed = 0
+    if stored is not None:
         record = RunRecord.from_json(stored)
-        curve = record.validation.curve if record.validation else []
+        info = record.validation
+        curve = info.curve if info else []
         for i in range(1, len(curve) + 1):
-            report(record, i, final=i == len(curve) and not record.validation.stopped_early, replayed=True)  # type: ignore[union-attr]
-        return
+            report(record, i, final=i == len(curve) and not (info and info.stopped_early), replayed=True)
+        if not (info and info.stopped_early):
+            return
+        replayed = len(curve)
 
     def on_epoch(record: RunRecord) -> None:
         n = len(record.validation.curve)  # type: ignore[union-attr]
-        if n < epochs:  # the last epoch is reported below, with the finished record
+        if replayed < n < epochs:  # the last epoch is reported below, with the finished record
             report(record, n, final=False)
 
     try:
         record = run_one(spec, on_epoch=on_epoch)
-    except HarnessError as exc:  # data or weights missing on this node
-        record = unstarted_record(spec, str(exc))
+    except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
+        record = unstarted_record(spec, _error(exc))
     report(record, len(record.validation.curve) if record.validation else 0, final=True)
 
 
@@ -171,20 +184,18 @@ def describe(record: dict[str, Any] | RunSpec) -> str:
     name = f"{get('model')} {get('category')} seed={get('seed')} r{get('repeat')}"
     if get("role") == "trial":
         config = (get("selection") or {}).get("config", {})
-        name += " trial " + ",".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in config.items())
+        name += " trial " + ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in config.items())
     return name
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[None]:
     """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        # The embedded default is this machine only: on loopback, reachable from no other host.
-        # Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch
-        # for single-machine Ray (named for Windows and macOS); it is read when Ray is imported.
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-    else:
+    if address is not None:
         _check_reachable(address)
     import ray
 
@@ -227,6 +238,15 @@ def check_resources(spec: ExperimentSpec) -> None:
                 f"resources.{key}={want:g} per run, but no node of this cluster has more than {most:g} {name}s "
                 f"(lower it with --set resources.{key}=...)"
             )
+
+
+def _device(spec: ExperimentSpec) -> Device:
+    """A run uses the GPU Ray gave it, and no GPU when it asked for none.
+
+    Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` alone for zero-GPU tasks: "auto" would take a GPU
+    nobody reserved.
+    """
+    return "cuda" if spec.resources.gpu > 0 else "cpu"
 
 
 def _options(spec: ExperimentSpec) -> dict[str, Any]:
@@ -352,14 +372,14 @@ def search(
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
 
-    base = run_spec(spec, category, spec.seeds[0], 0, role="trial")
+    base = run_spec(spec, category, spec.seeds[0], 0, _device(spec), role="trial")
     done = {i: r for i, r in store.records(spec.name).items() if r.get("role") == "trial" and r["status"] == "ok"}
     print(
         f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
         f"selected on {spec.metric} ({spec.validation.split} validation split, ratio {spec.validation.ratio:g})"
     )
 
-    finished: list[dict[str, Any]] = []  # trials trained to their last epoch
+    finished: dict[str, dict[str, Any]] = {}  # trials trained to their last epoch, by run id
 
     class StoreTrials(tune.Callback):  # the driver stores each trial as it ends
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -376,14 +396,21 @@ def search(
                 store.put(record)
                 progress.record(record)
             if record["status"] == "ok" and not record["validation"]["stopped_early"]:
-                finished.append(record)
+                finished[record["run_id"]] = record  # a config sampled twice is one trial
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             progress.lost.append(f"trial {trial.trial_id}: {_last_line(trial.error_file)}")
             progress.event(f"LOST {progress.lost[-1]}")
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base.model_dump_json(), done=done, env=_worker_env()),
+        tune.with_parameters(
+            _trial,
+            base=base.model_dump_json(),
+            done=done,
+            env=_worker_env(),
+            metric=spec.metric,
+            worst=-math.inf if spec.mode == "max" else math.inf,
+        ),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     tuner = tune.Tuner(
@@ -411,7 +438,7 @@ def search(
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     grid = tuner.fit()
     # fit() returns normally when trials failed: their errors are in the grid (and counted as lost).
-    candidates = [r for r in finished if _finite(r["metrics"].get(spec.metric))]
+    candidates = [r for r in finished.values() if _finite(r["metrics"].get(spec.metric))]
     print(
         f"search {category}: {len(grid)} trials, {len(finished)} trained to their last epoch, "
         f"{len(progress.failed)} failed, {len(grid.errors)} lost"
@@ -468,6 +495,12 @@ def preflight(spec: ExperimentSpec, address: str | None) -> None:
 
 def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
     """Run a whole study; records land in ``results/<name>/runs/``."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        # The embedded default is this machine only: on loopback, reachable from no other host.
+        # Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch
+        # for single-machine Ray (named for Windows and macOS), read when Ray is first imported.
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     store = ResultsStore(results)
     store.check_writable()
     preflight(spec, address)
@@ -481,7 +514,7 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
     with cluster(address):
         check_resources(spec)
         if spec.study == "seeds":
-            run(expand(spec))
+            run(expand(spec, _device(spec)))
             return tally
         storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
         for category in spec.data.categories:
@@ -496,5 +529,5 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
                 f"its runs on the test split:"
             )
             best = with_config(spec, selection["config"])
-            run([r for r in expand(best, role="best", selection=selection) if r.category == category])
+            run([r for r in expand(best, _device(spec), role="best", selection=selection) if r.category == category])
     return tally

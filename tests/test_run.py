@@ -224,3 +224,32 @@ def test_collect_orders_by_path_whatever_the_batches() -> None:
         np.testing.assert_array_equal(pred.masks[:, 1, 1], pred.labels)
     assert a.scores_sha256 == b.scores_sha256
     assert a.maps_sha256 == b.maps_sha256
+
+
+@pytest.mark.slow
+def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tmp_path: Path) -> None:
+    """Whatever a trial's model drew from the RNGs before, its synthetic anomalies are the same,
+    and the draws for them leave the trial's own RNG streams untouched."""
+
+    from harness.datasets import build_datamodule
+    from harness.run import _build_validation_split
+    from harness.spec import ValidationSpec
+
+    spec = make_run_spec("ganomaly", synth_root)
+    splits = []
+    for draws in (1, 1000):  # as two models of different sizes would have drawn at init
+        torch.manual_seed(0)
+        np.random.seed(0)
+        torch.rand(draws)
+        np.random.rand(draws)
+        before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+        datamodule = build_datamodule(spec.data, "disc", ValidationSpec())
+        (tmp_path / str(draws)).mkdir()
+        _build_validation_split(datamodule, tmp_path / str(draws))
+        assert torch.equal(torch.random.get_rng_state(), before[0])
+        assert np.array_equal(np.random.get_state()[1], before[1])
+        val = [datamodule.val_data[i] for i in range(len(datamodule.val_data))]
+        splits.append((torch.stack([v.image for v in val]), [int(v.gt_label) for v in val]))
+    assert splits[0][1] == splits[1][1]
+    assert 0 < sum(splits[0][1]) < len(splits[0][1])
+    assert torch.equal(splits[0][0], splits[1][0])

@@ -177,7 +177,7 @@ def test_hpo_selects_on_validation_then_runs_the_best_config_per_seed(
         assert v["stopped_early"] == (len(v["curve"]) < 3)
         assert t["metrics"]["val_image_AUROC"] == v["curve"][-1]["val_image_AUROC"]
     finished = [t for t in trials if not t["validation"]["stopped_early"]]
-    winner = max(finished, key=lambda t: t["metrics"]["val_image_AUROC"])
+    winner = max(finished, key=lambda t: (t["metrics"]["val_image_AUROC"], t["run_id"]))  # ties: larger id
     for b in best:
         sel = b["selection"]
         assert sel["trial_run_id"] == winner["run_id"]
@@ -194,6 +194,28 @@ def test_hpo_selects_on_validation_then_runs_the_best_config_per_seed(
     assert again.returncode == 0, again.stderr
     assert "0 ok, 0 failed, 0 lost, 6 already stored" in again.stdout
     assert snapshot(results) == before
+
+
+@pytest.mark.slow
+def test_failed_trials_are_stored_and_the_search_ends_cleanly(tmp_path: Path, synth_root: Path, ray_tmp: Path) -> None:
+    """Trials that fail before their first validation (no metric to report) fail the sweep in order."""
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        SMOKE_HPO,
+        model="patchcore",
+        model_args={"pre_trained": False},
+        data__root=str(synth_root),
+        search_space={"model_args.coreset_sampling_ratio": {"type": "uniform", "low": 0.0001, "high": 0.0002}},
+        num_samples=2,
+    )
+    results = tmp_path / "results"
+    out = sweep_cli(spec, results)
+    assert out.returncode == 1, out.stderr
+    recs = records(results)
+    assert len(recs) == 2
+    assert all(r["role"] == "trial" and r["status"] == "failed" and "coreset_size" in r["error"] for r in recs)
+    assert "failed: disc: no trial finished; nothing to select" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 @pytest.mark.slow
@@ -396,6 +418,10 @@ def test_searchers_are_seeded_and_named_ones_need_their_package() -> None:
     except ImportError:
         with pytest.raises(HarnessError, match="search: hyperopt needs its package"):
             _searcher(hpo.model_copy(update={"search": "hyperopt"}))
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        assert isinstance(_searcher(hpo.model_copy(update={"search": "hyperopt"})), HyperOptSearch)
     assert _max_epochs(hpo) == 40  # ASHA's last rung: the most epochs a trial can be given
 
 
