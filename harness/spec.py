@@ -229,6 +229,8 @@ class RunSpec(StrictModel):
         }
         if self.role != "run":  # (a study's runs keep the ids they had before roles existed)
             key["role"] = self.role
+        if self.role == "trial" and self.selection:
+            key["scheduler"] = self.selection.get("scheduler")  # it decides where the curve ends
         if self.role == "best" and self.selection:
             # Chosen by another rule or from another trial: another run, not a stored one.
             key["selected_by"] = {k: self.selection.get(k) for k in ("metric", "mode", "trial_run_id")}

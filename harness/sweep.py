@@ -103,23 +103,19 @@ def _trial(
         # Tune wants the metric in every result: a failed or unscored trial ranks last.
         tune.report({metric: worst, **metrics, "record": rec, "final": final, "replayed": replayed})
 
-    # A stored trial is replayed to the scheduler; one it had stopped early and that the
-    # scheduler now lets through is trained again (the same seed gives the same curve).
+    # A stored trial, stopped early or not, is finished: the scheduler sees its curve again.
     stored = done.get(planned_run_id(spec))
-    replayed = 0
     if stored is not None:
         record = RunRecord.from_json(stored)
         info = record.validation
         curve = info.curve if info else []
         for i in range(1, len(curve) + 1):
             report(record, i, final=i == len(curve) and not (info and info.stopped_early), replayed=True)
-        if not (info and info.stopped_early):
-            return
-        replayed = len(curve)
+        return
 
     def on_epoch(record: RunRecord) -> None:
         n = len(record.validation.curve)  # type: ignore[union-attr]
-        if replayed < n < epochs:  # the last epoch is reported below, with the finished record
+        if n < epochs:  # the last epoch is reported below, with the finished record
             report(record, n, final=False)
 
     try:
@@ -135,7 +131,7 @@ def trial_spec(base: RunSpec, config: dict[str, Any]) -> RunSpec:
     for key, value in config.items():
         section, name = key.split(".", 1)
         doc[section] = {**doc[section], name: value}
-    doc["selection"] = {"config": dict(sorted(config.items()))}
+    doc["selection"] = {**(base.selection or {}), "config": dict(sorted(config.items()))}
     return RunSpec.model_validate(doc)
 
 
@@ -372,7 +368,9 @@ def search(
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
 
-    base = run_spec(spec, category, spec.seeds[0], 0, _device(spec), role="trial")
+    # The scheduler decides where a trial's curve ends: a trial under another is another run.
+    scheduler = {"scheduler": spec.scheduler.model_dump(mode="json")}
+    base = run_spec(spec, category, spec.seeds[0], 0, _device(spec), role="trial", selection=scheduler)
     done = {i: r for i, r in store.records(spec.name).items() if r.get("role") == "trial" and r["status"] == "ok"}
     print(
         f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "

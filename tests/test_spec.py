@@ -187,6 +187,15 @@ def test_a_searched_config_is_applied_to_the_run() -> None:
     # Trials differ from each other and from the test runs by what defines them.
     other = trial_spec(base, {"model_args.lr": 2e-4, "model_args.n_features": 16})
     assert make_run_id(trial, "hw") != make_run_id(other, "hw")
-    assert make_run_id(trial, "hw") != make_run_id(
-        run_spec(with_config(spec, {"model_args.lr": 3e-4}), "bottle", 0, 0), "hw"
-    )
+    tested = run_spec(with_config(spec, {"model_args.lr": 3e-4}), "bottle", 0, 0, role="best")
+    assert make_run_id(trial, "hw") != make_run_id(tested, "hw")
+    # Under another scheduler the same config is another trial (its curve may end elsewhere).
+    fifo = trial_spec(run_spec(spec, "bottle", 0, 0, role="trial", selection={"scheduler": {"name": "fifo"}}), {})
+    asha = trial_spec(run_spec(spec, "bottle", 0, 0, role="trial", selection={"scheduler": {"name": "asha"}}), {})
+    assert make_run_id(fifo, "hw") != make_run_id(asha, "hw")
+    # A best-config run chosen by another rule or trial is another run.
+    chosen = [
+        run_spec(spec, "bottle", 0, 0, role="best", selection={"metric": m, "mode": "max", "trial_run_id": t})
+        for m, t in (("val_image_AUROC", "a"), ("val_image_F1Max", "a"), ("val_image_AUROC", "b"))
+    ]
+    assert len({make_run_id(c, "hw") for c in chosen}) == 3
