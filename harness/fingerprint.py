@@ -89,10 +89,14 @@ def hardware_id(device: str, gpu_name: str | None, cpu: str, threads: int) -> st
     return stable_hash({"device": device.split(":")[0], "gpu": gpu_name, "cpu": cpu, "threads": threads}, 12)
 
 
+def local_hardware_id(device: str, threads: int) -> str:
+    """This machine's ``hardware_id`` for a run on ``device`` with ``threads``."""
+    return hardware_id(device, cuda_facts(device)["gpu_name"], cpu_model(), threads)
+
+
 def fingerprint(device: str, threads: int) -> dict[str, Any]:
     """Everything about where a run ran that could change its numbers."""
     cuda = cuda_facts(device)
-    cpu = cpu_model()
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -100,10 +104,10 @@ def fingerprint(device: str, threads: int) -> dict[str, Any]:
         **package_versions(),
         **cuda,
         "device": device,
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "determinism": determinism_flags(),
         "harness_commit": harness_commit(),
-        "hardware_id": hardware_id(device, cuda["gpu_name"], cpu, threads),
+        "hardware_id": local_hardware_id(device, threads),
     }

@@ -29,7 +29,7 @@ import numpy as np
 from harness.datasets import DATA_SPLIT_SEED, DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
-from harness.fingerprint import cpu_model, cuda_facts, fingerprint, hardware_id
+from harness.fingerprint import fingerprint, local_hardware_id
 from harness.hashing import sha256_file, stable_hash, state_sha256
 from harness.models import ModelArgs, get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing, ValidationInfo
@@ -166,7 +166,6 @@ class Fitted:
     fit_s: float
     test_s: float | None
     n_train: int
-    n_val: int | None
 
 
 ValidationHook = Callable[[Predicted, int], None]  # an epoch's predictions, train images
@@ -270,12 +269,12 @@ def fit_and_predict(
     fit_s = time.perf_counter() - t0
     n_train = len(datamodule.train_data)
     if trial:  # a trial never looks at the test split
-        return Fitted(None, state_sha256(model.model), fit_s, None, n_train, len(datamodule.val_data))
+        return Fitted(None, state_sha256(model.model), fit_s, None, n_train)
     t0 = time.perf_counter()
     batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     test_s = time.perf_counter() - t0
     pred = collect(list(batches or []), base)
-    return Fitted(pred, state_sha256(model.model), fit_s, test_s, n_train, None)
+    return Fitted(pred, state_sha256(model.model), fit_s, test_s, n_train)
 
 
 def _params(spec: RunSpec, args: ModelArgs, data: DataCheck) -> dict[str, Any]:
@@ -300,7 +299,7 @@ def _predictions(pred: Predicted, model_sha256: str) -> Predictions:
 
 
 def _timing(fitted: Fitted | None, total_s: float) -> Timing:
-    if fitted is None or fitted.test_s is None or fitted.pred is None:
+    if fitted is None or fitted.pred is None or fitted.test_s is None:  # failed, or a trial
         fit_s = round(fitted.fit_s, 4) if fitted else None
         return Timing(fit_s=fit_s, test_s=None, latency_ms_per_image=None, total_s=round(total_s, 4))
     return Timing(
@@ -313,8 +312,7 @@ def _timing(fitted: Fitted | None, total_s: float) -> Timing:
 
 def planned_run_id(spec: RunSpec) -> str:
     """The id ``run_one`` will give this run here, without running it: what a sweep resumes by."""
-    device = resolve_device(spec.device)
-    return make_run_id(spec, hardware_id(device, cuda_facts(device)["gpu_name"], cpu_model(), spec.resources.cpu))
+    return make_run_id(spec, local_hardware_id(resolve_device(spec.device), spec.resources.cpu))
 
 
 class _Run:

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from harness.datasets import check_data
 from harness.errors import HarnessError
 from harness.models import get_model
-from harness.spec import Device, ExperimentSpec, RunSpec, expand, run_spec, with_config
+from harness.spec import Device, ExperimentSpec, RunSpec, SearchDim, expand, run_spec, with_config
 from harness.store import ResultsStore
 
 # Passed from the driver to every worker: on a cluster, workers do not inherit its shell.
@@ -253,9 +253,10 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
 
 
-def _ok_ids(store: ResultsStore, sweep: str, role: str) -> frozenset[str]:
-    records = store.records(sweep).values()
-    return frozenset(r["run_id"] for r in records if r.get("status") == "ok" and r.get("role", "run") == role)
+def _stored_ok(store: ResultsStore, sweep: str, role: str) -> dict[str, dict[str, Any]]:
+    """The sweep's finished runs of one role, by run id: what is not run again."""
+    records = store.records(sweep)
+    return {i: r for i, r in records.items() if r.get("status") == "ok" and r.get("role", "run") == role}
 
 
 def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, progress: Progress) -> None:
@@ -265,7 +266,7 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
 
     if not runs:
         return
-    done = ray.put(_ok_ids(store, spec.name, runs[0].role))
+    done = ray.put(frozenset(_stored_ok(store, spec.name, runs[0].role)))
     task = ray.remote(_execute).options(
         max_retries=MAX_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD", **_options(spec)
     )
@@ -294,11 +295,13 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
             progress.record(out["record"])
 
 
-def _tune_dim(dim: Any) -> Any:
+def _tune_dim(dim: SearchDim) -> Any:
     from ray import tune
 
-    if dim.type == "choice":
+    if dim.values is not None:
         return tune.choice(dim.values)
+    assert dim.low is not None
+    assert dim.high is not None
     if dim.type == "randint":
         return tune.randint(int(dim.low), int(dim.high))
     return getattr(tune, dim.type)(dim.low, dim.high)
@@ -371,7 +374,7 @@ def search(
     # The scheduler decides where a trial's curve ends: a trial under another is another run.
     scheduler = {"scheduler": spec.scheduler.model_dump(mode="json")}
     base = run_spec(spec, category, spec.seeds[0], 0, _device(spec), role="trial", selection=scheduler)
-    done = {i: r for i, r in store.records(spec.name).items() if r.get("role") == "trial" and r["status"] == "ok"}
+    done = _stored_ok(store, spec.name, "trial")
     print(
         f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
         f"selected on {spec.metric} ({spec.validation.split} validation split, ratio {spec.validation.ratio:g})"
