@@ -43,6 +43,20 @@ def _add(sub: Any, name: str, help: str, example: str) -> argparse.ArgumentParse
     )
 
 
+def _add_set_and_results(parser: argparse.ArgumentParser, examples: str) -> None:
+    """The two options `run` and `sweep` share: spec overrides and where records go."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a dotted key of the experiment spec, {examples} (repeatable)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=None, help="results directory (default: $HARNESS_RESULTS or results/)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="harness",
@@ -90,16 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--category", required=True, help="category directory under the root")
     run.add_argument("--seed", type=int, default=0, help="seed of every RNG of the run (0)")
     run.add_argument("--repeat", type=int, default=0, help="repeat index: same-seed reruns for determinism (0)")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key of the experiment spec, e.g. model_args.pre_trained=false, "
-        "data.image_size=64, model_args.weights=/data/resnet18.pth, name=my-study (repeatable)",
-    )
-    run.add_argument(
-        "--results", type=Path, default=None, help="results directory (default: $HARNESS_RESULTS or results/)"
+    _add_set_and_results(
+        run,
+        "e.g. model_args.pre_trained=false, data.image_size=64, model_args.weights=/data/resnet18.pth, name=my-study",
     )
     run.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when visible, else CPU"
@@ -119,16 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Ray cluster to join: `auto` inside `ray job submit`, or HOST:6379; default: start a local one",
     )
-    sweep.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key of the spec, e.g. data.root=/data/mvtec, seeds=[0,1], resources.cpu=1",
-    )
-    sweep.add_argument(
-        "--results", type=Path, default=None, help="results directory (default: $HARNESS_RESULTS or results/)"
-    )
+    _add_set_and_results(sweep, "e.g. data.root=/data/mvtec, seeds=[0,1], resources.cpu=1")
 
     demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")

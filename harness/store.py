@@ -52,16 +52,14 @@ class ResultsStore:
         except FileNotFoundError:
             return None
 
-    def paths(self) -> Iterator[Path]:
-        """Every record file; temp files of unfinished writes start with a dot and are skipped."""
-        yield from sorted(p for p in self.root.glob("*/runs/*.json") if not p.name.startswith("."))
+    def paths(self, sweep: str = "*") -> Iterator[Path]:
+        """Every record file (of one sweep, or all); temp files of unfinished writes start with a dot."""
+        yield from sorted(p for p in self.root.glob(f"{sweep}/runs/*.json") if not p.name.startswith("."))
 
     def records(self, sweep: str) -> dict[str, dict[str, Any]]:
         """The sweep's readable records by run id; an unreadable file counts as no record."""
         out: dict[str, dict[str, Any]] = {}
-        for path in sorted((self.root / sweep / "runs").glob("*.json")):
-            if path.name.startswith("."):
-                continue
+        for path in self.paths(sweep):
             try:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):
