@@ -24,6 +24,21 @@ EXIT_BAD_INPUT = 2
 # large blocks are mmapped; glibc reads this only at process start.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 TRAINING_COMMANDS = {"run", "demo"}
+VERDICTS_HELP = """\
+how it decides:
+  groups       runs that differ only in seed and repeat (sweep, model, params, category);
+               a seed counts once (its repeats averaged); search trials are left out
+  seed spread  n, mean, std, 95% CI (scipy BCa bootstrap of the mean, seed 0), min, max, CV
+  determinism  same seed on the same hardware_id: bitwise (equal score and map hashes),
+               within_tolerance (hashes differ, every metric within --tolerance),
+               diverged (beyond it), untested (no repeats)
+  hardware     same seed on different hardware_ids: metric deltas, the same three verdicts
+               (differs for diverged), and which environment fields differ
+  comparison   P(A>B): chance a seed of A beats a seed of B (ties half), 95% CI by seeded
+               percentile bootstrap; `A better` if the CI is above 0.5 and P >= 0.75
+               (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
+               under 3 seeds a side, `too few seeds`; only runs on the same data compared
+exit: 0; 1 with --strict when any determinism verdict is diverged; 2 for bad input"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set_and_results(sweep, "e.g. data.root=/data/mvtec, seeds=[0,1], resources.cpu=1")
 
+    check = _add(
+        sub,
+        "check",
+        "reproducibility verdicts from a results store: seed variance, determinism, hardware, model comparison",
+        "harness check results --strict\n  harness check results --json > check.json",
+    )
+    check.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    check.add_argument("--json", action="store_true", help="print the machine-readable document (keys in README)")
+    check.add_argument("--strict", action="store_true", help="exit 1 when a same-seed repeat diverged")
+    check.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="X",
+        help="largest absolute metric difference still `within_tolerance` (default 0.001)",
+    )
+    check.epilog = (check.epilog or "") + "\n\n" + VERDICTS_HELP
+
+    report = _add(
+        sub,
+        "report",
+        "markdown stability report with PNG plots beside it (same store, same bytes)",
+        "harness report results --out reports/smoke.md",
+    )
+    report.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report file; plots go to the folder of its name beside it "
+        "(default: reports/<sweep>.md, or reports/<results dir>.md for several sweeps)",
+    )
+
     demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")
     return parser
@@ -224,6 +272,32 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0 if tally.clean else EXIT_FAILED_RUN
 
 
+def cmd_check(ns: argparse.Namespace) -> int:
+    import json
+
+    from harness.check import DEFAULT_TOLERANCE, check, to_text
+
+    rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance)
+    for path, error in rep.store.malformed:
+        print(f"harness check: malformed record {ns.results / path}: {error}", file=sys.stderr)
+    print(json.dumps(rep.to_json(), indent=2, sort_keys=True) if ns.json else to_text(rep), end="\n" if ns.json else "")
+    return EXIT_FAILED_RUN if ns.strict and rep.diverged else 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from harness.check import check
+    from harness.report import default_out, write_report
+
+    rep = check(ns.results)
+    out = ns.out or default_out(rep)
+    command = f"harness report {ns.results}" + (f" --out {ns.out}" if ns.out else "")
+    path, plots = write_report(rep, out, command)
+    for p, error in rep.store.malformed:
+        print(f"harness report: malformed record {ns.results / p}: {error} (skipped)", file=sys.stderr)
+    print(f"wrote {path} ({len(rep.groups)} groups, {len(plots)} plots in {path.parent / path.stem})")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     """For now: synthetic data and one small run of each model (the demo grows with the sweeps)."""
     from harness.synth import synth
@@ -244,7 +318,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return EXIT_FAILED_RUN if failed else 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "sweep": cmd_sweep, "demo": cmd_demo}
+COMMANDS = {
+    "synth": cmd_synth,
+    "run": cmd_run,
+    "sweep": cmd_sweep,
+    "check": cmd_check,
+    "report": cmd_report,
+    "demo": cmd_demo,
+}
 
 
 def _reexec_with_malloc_env(argv: list[str]) -> None:

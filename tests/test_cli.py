@@ -47,7 +47,7 @@ def run_disc(
     return harness(*args, hub_cache=hub_cache)
 
 
-@pytest.mark.parametrize("command", [[], ["data", "synth"], ["run"], ["sweep"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["data", "synth"], ["run"], ["sweep"], ["check"], ["report"], ["demo"]])
 def test_help_has_an_example(command: list[str]) -> None:
     out = harness(*command, "--help")
     assert out.returncode == 0

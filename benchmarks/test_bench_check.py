@@ -1,0 +1,132 @@
+"""`harness check` and `harness report` over a store of 99,000 records: time and peak memory.
+
+Run with `make bench`. Target (issue 4): under 5 s and under 1 GiB each. The store is what a
+year of a lab's MVTec work could look like, with records of real size (MVTec's test split per
+category, so 42-167 scores and paths a record):
+
+- 10 PatchCore seed sweeps (each its own config) and 10 GANomaly searches, on all 15 categories;
+- every test configuration on 3 hardware ids x 30 seeds x 2 repeats: on the CPU repeats are
+  bitwise, on one GPU they differ in the last bits (re-read for the score difference), and
+  hardware ids differ by a little (so every cross-hardware pair is re-read too);
+- 300 trials per search and category, with 10-epoch validation curves.
+
+Each command runs as a user runs it, a fresh process; its peak memory is the largest process
+tree RSS sampled every 20 ms (the parser's worker processes included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import tests.recordkit as rk
+from harness.report import MVTEC_TEST_IMAGES
+
+SEEDS, REPEATS, SWEEPS, TRIALS = 30, 2, 10, 300
+HARDWARE = (rk.ENV, rk.GPU_ENV, {**rk.GPU_ENV, "gpu_name": "NVIDIA A100", "hardware_id": "gpu-a100"})
+
+
+def _category_records(category: str) -> int:
+    """Write one category's records (a process each: generation is the slow part, not the check)."""
+    import random
+
+    n_test = MVTEC_TEST_IMAGES[category]
+    rk.LABELS[:] = [0] * (n_test // 3) + [1] * (n_test - n_test // 3)
+    rng = random.Random(category)
+    root = Path(os.environ["BENCH_STORE"])
+    written = 0
+    for s in range(SWEEPS):
+        for model, role in (("patchcore", "run"), ("ganomaly", "best")):
+            params = json.loads(json.dumps(rk.PARAMS[model]))
+            params["model_args"]["sweep_index"] = s  # ten different configurations
+            params["data"]["sha256"] = category
+            sweep = f"{model}-{s}"
+            for seed in range(SEEDS):
+                base = [rng.random() for _ in rk.LABELS]
+                auroc = 0.9 + 0.05 * rng.random() if model == "patchcore" else 0.4 + 0.2 * rng.random()
+                for hw_index, env in enumerate(HARDWARE):
+                    for repeat in range(REPEATS):
+                        jitter = 1e-7 * (hw_index + (repeat if hw_index == 1 else 0))
+                        metrics = {"image_AUROC": auroc + jitter, "pixel_AUROC": 0.95 + jitter}
+                        rec = rk.make_record(
+                            sweep=sweep, model=model, category=category, seed=seed, repeat=repeat, env=env,
+                            params=params, metrics=metrics, scores=[x + jitter for x in base], role=role,
+                            n_test=n_test,
+                        )  # fmt: skip
+                        written += _put(root, rec)
+            if model == "ganomaly":
+                for t in range(TRIALS):
+                    curve = [{"epoch": e, "val_image_AUROC": rng.random()} for e in range(1, 11)]
+                    trial = rk.make_record(
+                        sweep=sweep, model=model, category=category, seed=0, repeat=t, params=params, role="trial",
+                        n_test=n_test,
+                    )  # fmt: skip
+                    trial.update(
+                        metrics={"val_image_AUROC": curve[-1]["val_image_AUROC"]},
+                        predictions=None,
+                        validation={"curve": curve, "stopped_early": False},
+                    )
+                    written += _put(root, trial)
+    return written
+
+
+def _put(root: Path, rec: dict[str, Any]) -> int:
+    path = root / rec["sweep"] / "runs" / f"{rec['run_id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")  # as the store writes them
+    return 1
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    os.environ["BENCH_STORE"] = str(root)
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        total = sum(pool.map(_category_records, sorted(MVTEC_TEST_IMAGES)))
+    assert total == 99_000
+    return root
+
+
+def _measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and the peak RSS of the process tree (sampled)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        top = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [top, *top.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    _, err = proc.communicate()
+    done.set()
+    thread.join()
+    assert proc.returncode == 0, err[-2000:]
+    return time.perf_counter() - t0, peak
+
+
+@pytest.mark.parametrize("command", ["check", "report"])
+def test_check_and_report_100k(benchmark: Any, store: Path, tmp_path: Path, command: str) -> None:
+    extra = ["--json"] if command == "check" else ["--out", str(tmp_path / "big.md")]
+    cmd = [sys.executable, "-m", "harness", command, str(store), *extra]
+    wall, peak = benchmark.pedantic(_measure, args=(cmd,), rounds=2, iterations=1)
+    benchmark.extra_info.update(records=99_000, wall_s=round(wall, 2), peak_rss_gib=round(peak / 2**30, 3))

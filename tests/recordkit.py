@@ -1,0 +1,153 @@
+"""Run records built by hand, for checker and report tests with known answers (and the benchmark).
+
+A record here has every field a real one has (see ``harness.record.RunRecord``); a test sets
+only what its answer depends on: metrics, scores, hashes, hardware.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.hashing import stable_hash
+
+ENV = {
+    "anomalib": "2.7.0",
+    "cpu_count": 2,
+    "cpu_model": "AMD EPYC",
+    "cuda": "13.0",
+    "cudnn": 92400,
+    "determinism": {
+        "cublas_workspace_config": ":4096:8",
+        "cudnn_benchmark": False,
+        "cudnn_deterministic": True,
+        "deterministic_algorithms": True,
+    },
+    "device": "cpu",
+    "gpu_count": 0,
+    "gpu_name": None,
+    "hardware_id": "cpu-epyc-2t",
+    "harness_commit": "0123456789abcdef0123456789abcdef01234567",
+    "host": "vm",
+    "lightning": "2.6.6",
+    "numpy": "2.4.6",
+    "platform": "Linux-6.18-x86_64",
+    "python": "3.11.7",
+    "scikit-learn": "1.9.1",
+    "threads": 2,
+    "timm": "1.0.31",
+    "torch": "2.14.1",
+    "torchvision": "0.29.1",
+}
+GPU_ENV = {**ENV, "device": "cuda:0", "gpu_count": 1, "gpu_name": "NVIDIA H200", "hardware_id": "gpu-h200"}
+
+PARAMS: dict[str, dict[str, Any]] = {
+    "patchcore": {
+        "data": {"format": "mvtec", "image_size": 64, "train_batch_size": 8, "eval_batch_size": 8, "sha256": "d0"},
+        "deterministic": True,
+        "model_args": {"backbone": "resnet18", "coreset_sampling_ratio": 0.1, "layers": ["layer2", "layer3"]},
+    },
+    "ganomaly": {
+        "data": {"format": "mvtec", "image_size": 64, "train_batch_size": 8, "eval_batch_size": 8, "sha256": "d0"},
+        "deterministic": True,
+        "model_args": {"lr": 0.0002, "max_epochs": 2},
+    },
+}
+
+LABELS = [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def scores_for(auroc_like: float, n: int = len(LABELS)) -> list[float]:
+    """Scores for LABELS that differ with the value (any numbers do: only hashes are compared)."""
+    return [round(auroc_like * (i + 1) / n, 9) for i in range(n)]
+
+
+def _sha(values: Any) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def make_record(
+    *,
+    sweep: str = "s1",
+    model: str = "patchcore",
+    category: str = "disc",
+    seed: int = 0,
+    repeat: int = 0,
+    metrics: dict[str, float | None] | None = None,
+    scores: list[float] | None = None,
+    maps_sha256: str | None = "auto",
+    env: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    status: str = "ok",
+    role: str = "run",
+    study: str = "seeds",
+    fit_s: float = 1.0,
+    peak_rss_bytes: int = 2**30,
+    n_test: int | None = None,
+    started_at: str = "2026-11-30T10:00:00+00:00",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A complete record; scores (and map hashes) follow the image AUROC unless given."""
+    metrics = {"image_AUROC": 0.9, "pixel_AUROC": 0.95, "pixel_AUPRO": 0.8, "image_F1Max": 0.85, **(metrics or {})}
+    if model == "ganomaly":
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("pixel_")}
+    env = copy.deepcopy(env or ENV)
+    params = copy.deepcopy(params or PARAMS[model])
+    scores = scores if scores is not None else scores_for(metrics["image_AUROC"] or 0.0)
+    if maps_sha256 == "auto":
+        maps_sha256 = None if model == "ganomaly" else _sha(["map", *scores])
+    ok = status == "ok"
+    run_id = stable_hash([sweep, model, params, category, seed, repeat, env["hardware_id"], role])
+    record: dict[str, Any] = {
+        "schema": "harness.run/1",
+        "run_id": run_id,
+        "sweep": sweep,
+        "study": study,
+        "model": model,
+        "params": params,
+        "category": category,
+        "seed": seed,
+        "repeat": repeat,
+        "status": status,
+        "error": None if ok else "RuntimeError: CUDA out of memory\nTraceback ...",
+        "metrics": metrics if ok else {},
+        "predictions": {
+            "image_paths": [f"test/{'good' if lab == 0 else 'hole'}/{i:03d}.png" for i, lab in enumerate(LABELS)],
+            "labels": LABELS,
+            "image_scores": scores,
+            "scores_sha256": _sha(scores),
+            "maps_sha256": maps_sha256,
+            "model_sha256": _sha(["model", *scores]),
+        }
+        if ok
+        else None,
+        "timing": {
+            "fit_s": fit_s if ok else None,
+            "test_s": 0.5 if ok else None,
+            "latency_ms_per_image": 10.0 if ok else None,
+            "total_s": fit_s + 1.0,
+        },
+        "memory": {"peak_rss_bytes": peak_rss_bytes, "process_peak_rss_bytes": peak_rss_bytes, "peak_gpu_bytes": None},
+        "data": {"root": "datasets/synth", "sha256": "d0", "n_train": 32, "n_test": n_test or len(LABELS)},
+        "environment": env,
+        "started_at": started_at,
+        "finished_at": started_at.replace("10:00:00", "10:00:05"),
+        "role": role,
+        "node_id": None,
+        "validation": None,
+        "selection": None,
+    }
+    record.update(extra)
+    return record
+
+
+def write_records(root: Path, records: list[dict[str, Any]]) -> Path:
+    """Store records as the harness does (``ROOT/<sweep>/runs/<run_id>.json``); returns ROOT."""
+    for rec in records:
+        path = root / rec["sweep"] / "runs" / f"{rec['run_id']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, sort_keys=True, indent=1))
+    return root

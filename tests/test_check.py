@@ -1,0 +1,319 @@
+"""The checker on hand-built records with known answers: numbers, verdicts, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import bootstrap
+
+from harness.check import BOOTSTRAP_SEED, N_RESAMPLES, check
+from harness.cli import main
+from tests.recordkit import GPU_ENV, make_record, scores_for, write_records
+
+AUROCS = [0.80, 0.82, 0.84, 0.86, 0.88]
+
+
+def seeds_of(values: list[float], **kw: Any) -> list[dict[str, Any]]:
+    return [make_record(seed=i, metrics={"image_AUROC": v}, **kw) for i, v in enumerate(values)]
+
+
+def check_json(root: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    code = main(["check", str(root), "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def only_group(doc: dict[str, Any], **match: str) -> dict[str, Any]:
+    found = [g for g in doc["groups"] if all(g[k] == v for k, v in match.items())]
+    assert len(found) == 1, [g["label"] for g in doc["groups"]]
+    return found[0]
+
+
+def test_seed_variance_has_known_mean_std_and_a_seeded_bootstrap_ci(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_records(tmp_path, seeds_of(AUROCS) + seeds_of([0.5, 0.9, 0.7], model="ganomaly"))
+    code, doc = check_json(tmp_path, capsys=capsys)
+    assert code == 0
+    m = only_group(doc, model="patchcore")["metrics"]["image_AUROC"]
+    assert m["n"] == 5
+    assert m["mean"] == pytest.approx(0.84)
+    assert m["std"] == pytest.approx(statistics.stdev(AUROCS))  # 0.0316: sample std (n - 1)
+    assert (m["min"], m["max"]) == (0.80, 0.88)
+    assert m["cv"] == pytest.approx(statistics.stdev(AUROCS) / 0.84)
+    # The same interval scipy gives for these five values alone: batching with the other
+    # group's rows changed nothing, and the seed makes it the same on every call.
+    alone = bootstrap(
+        (np.array(AUROCS),), np.mean, method="BCa", n_resamples=N_RESAMPLES, rng=np.random.default_rng(BOOTSTRAP_SEED)
+    ).confidence_interval
+    assert (m["ci_low"], m["ci_high"]) == (pytest.approx(alone.low), pytest.approx(alone.high))
+    assert 0.80 < m["ci_low"] < 0.84 < m["ci_high"] < 0.88
+    assert only_group(doc, model="patchcore")["metrics"]["fit_s"]["mean"] == 1.0
+
+
+def test_an_interval_does_not_depend_on_the_rest_of_the_store(tmp_path: Path) -> None:
+    write_records(tmp_path / "a", seeds_of(AUROCS))
+    write_records(tmp_path / "b", seeds_of(AUROCS) + seeds_of([0.7, 0.75, 0.9, 0.6, 0.8], category="weave"))
+    ci = [next(g for g in check(tmp_path / s).groups if g.category == "disc").stats["image_AUROC"] for s in ("a", "b")]
+    assert (ci[0].ci_low, ci[0].ci_high) == (ci[1].ci_low, ci[1].ci_high)
+
+
+def test_repeats_with_equal_hashes_are_bitwise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of(AUROCS[:2]) + seeds_of(AUROCS[:2], repeat=1))
+    code, doc = check_json(tmp_path, "--strict", capsys=capsys)
+    det = only_group(doc)["determinism"]
+    assert code == 0
+    assert (det["verdict"], det["pairs"], det["bitwise"], det["max_score_diff"]) == ("bitwise", 2, 2, 0.0)
+    assert det["differing"] == []
+
+
+def test_a_planted_score_difference_diverges_and_names_the_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    planted = scores_for(0.82)
+    planted[3] += 0.25
+    second = make_record(seed=1, repeat=1, metrics={"image_AUROC": 0.78}, scores=planted)
+    records = [*seeds_of(AUROCS[:2]), make_record(repeat=1, metrics={"image_AUROC": 0.80}), second]
+    write_records(tmp_path, records)
+    code, doc = check_json(tmp_path, "--strict", capsys=capsys)
+    det = only_group(doc)["determinism"]
+    assert code == 1  # --strict: a same-seed repeat diverged
+    assert (det["verdict"], det["bitwise"], det["diverged"]) == ("diverged", 1, 1)
+    (pair,) = det["differing"]
+    assert (pair["seed"], pair["repeat_a"], pair["repeat_b"], pair["run_b"]) == (1, 0, 1, second["run_id"])
+    assert pair["max_score_diff"] == pytest.approx(0.25)
+    assert pair["metric_diffs"]["image_AUROC"] == pytest.approx(-0.04)
+    assert det["max_metric_diff"] == pytest.approx(0.04)
+    assert main(["check", str(tmp_path)]) == 0  # without --strict, a verdict is not a failure
+    assert "1 of 2 pairs differ; worst: seed 1" in capsys.readouterr().out
+
+
+def test_tiny_differences_are_within_tolerance_and_the_tolerance_is_settable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nudged = [s + 1e-7 for s in scores_for(0.9)]
+    write_records(tmp_path, [make_record(), make_record(repeat=1, metrics={"image_AUROC": 0.9 + 1e-6}, scores=nudged)])
+    code, doc = check_json(tmp_path, "--strict", capsys=capsys)
+    det = only_group(doc)["determinism"]
+    assert (code, det["verdict"]) == (0, "within_tolerance")
+    assert det["max_score_diff"] == pytest.approx(1e-7, rel=1e-3)
+    code, doc = check_json(tmp_path, "--strict", "--tolerance", "1e-9", capsys=capsys)
+    assert (code, only_group(doc)["determinism"]["verdict"]) == (1, "diverged")
+
+
+def test_without_repeats_determinism_is_untested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of(AUROCS))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    assert only_group(doc)["determinism"]["verdict"] == "untested"
+    assert doc["determinism"] == {"bitwise": 0, "within_tolerance": 0, "diverged": 0, "untested": 1}
+
+
+def test_a_planted_cross_hardware_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cpu = seeds_of(AUROCS)
+    gpu = seeds_of([v + 0.02 for v in AUROCS], env=GPU_ENV)
+    write_records(tmp_path, cpu + gpu)
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert group["hardware_ids"] == ["cpu-epyc-2t", "gpu-h200"]
+    assert group["metrics"]["image_AUROC"]["n"] == 5  # a seed counts once, whatever ran it
+    assert group["metrics"]["image_AUROC"]["mean"] == pytest.approx(0.85)
+    (cross,) = group["cross_hardware"]
+    assert (cross["hardware_a"], cross["hardware_b"], cross["seeds"]) == ("cpu-epyc-2t", "gpu-h200", [0, 1, 2, 3, 4])
+    assert cross["deltas"]["image_AUROC"]["mean"] == pytest.approx(0.02)
+    assert cross["deltas"]["image_AUROC"]["max_abs"] == pytest.approx(0.02)
+    assert cross["deltas"]["pixel_AUROC"] == {"mean": 0.0, "max_abs": 0.0}
+    assert cross["verdict"] == "differs"
+    assert cross["delta_over_seed_std"] == pytest.approx(0.02 / statistics.stdev([v + 0.01 for v in AUROCS]))
+    diff = cross["fingerprint_diff"]
+    assert diff["device"] == ["cpu", "cuda:0"]
+    assert diff["gpu_name"] == [None, "NVIDIA H200"]
+    assert "hardware_id" not in diff
+    assert "torch" not in diff
+    assert only_group(doc)["determinism"]["verdict"] == "untested"  # other hardware is not a repeat
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "verdict", "p"),
+    [
+        ([0.90, 0.91, 0.92, 0.93, 0.94], [0.60, 0.61, 0.62, 0.63, 0.64], "A better", 1.0),
+        ([0.60, 0.61, 0.62, 0.63, 0.64], [0.90, 0.91, 0.92, 0.93, 0.94], "B better", 0.0),
+        (AUROCS, [0.81, 0.83, 0.85, 0.87, 0.79], "within noise", 0.6),  # 15 of 25 pairs
+        ([0.90, 0.91], [0.60, 0.61], "too few seeds", 1.0),
+    ],
+)
+def test_model_comparison_by_probability_of_improvement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], a: list[float], b: list[float], verdict: str, p: float
+) -> None:
+    # Sweep names order the pair: "a" is A.
+    write_records(tmp_path, seeds_of(a, sweep="a") + seeds_of(b, sweep="b", model="ganomaly"))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    (cmp,) = doc["comparisons"]  # GANomaly has no pixel AUROC: image AUROC only
+    assert (cmp["a"], cmp["b"], cmp["metric"], cmp["n_a"], cmp["n_b"]) == (
+        "a/patchcore",
+        "b/ganomaly",
+        "image_AUROC",
+        len(a),
+        len(b),
+    )
+    assert cmp["p_a_better"] == pytest.approx(p)
+    assert cmp["ci_low"] <= cmp["p_a_better"] <= cmp["ci_high"]
+    assert cmp["verdict"] == verdict
+    if verdict == "within noise":
+        assert cmp["ci_low"] < 0.5 < cmp["ci_high"]
+
+
+def test_only_runs_on_the_same_data_are_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = make_record(seed=0)["params"]
+    other["data"]["sha256"] = "different images"
+    write_records(tmp_path, seeds_of(AUROCS, sweep="a") + seeds_of(AUROCS, sweep="b", params=other))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    assert len(doc["groups"]) == 2
+    assert doc["comparisons"] == []
+
+
+def test_failed_runs_are_counted_and_named_never_averaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    failed = make_record(seed=3, status="failed")
+    write_records(tmp_path, [*seeds_of(AUROCS[:3]), failed])
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert group["metrics"]["image_AUROC"]["n"] == 3
+    assert group["metrics"]["image_AUROC"]["mean"] == pytest.approx(0.82)
+    assert group["failed"] == [
+        {
+            "run_id": failed["run_id"],
+            "seed": 3,
+            "repeat": 0,
+            "error": "Traceback ...",
+            "path": f"s1/runs/{failed['run_id']}.json",
+        }
+    ]
+    assert doc["records"] == {"files": 4, "ok": 3, "failed": 1, "trials": 0, "malformed": 0}
+    assert main(["check", str(tmp_path)]) == 0
+    assert f"seed 3 repeat 0: Traceback ... (s1/runs/{failed['run_id']}.json)" in capsys.readouterr().out
+
+
+def test_a_single_seed_says_so_instead_of_a_std_of_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of([0.8]))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert group["note"] == "single seed: no spread to report"
+    assert {k: group["metrics"]["image_AUROC"][k] for k in ("n", "std", "ci_low", "ci_high", "cv")} == {
+        "n": 1,
+        "std": None,
+        "ci_low": None,
+        "ci_high": None,
+        "cv": None,
+    }
+    main(["check", str(tmp_path)])
+    assert "0.800 (1 seed)" in capsys.readouterr().out
+
+
+def test_malformed_records_are_named_and_the_rest_still_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_records(tmp_path, seeds_of(AUROCS))
+    runs = tmp_path / "s1" / "runs"
+    (runs / "aaaa.json").write_text("{not json")
+    missing = make_record(seed=9)
+    del missing["metrics"]
+    (runs / f"{missing['run_id']}.json").write_text(json.dumps(missing))
+    wrong = make_record(seed=8)
+    wrong["seed"] = "eight"
+    (runs / f"{wrong['run_id']}.json").write_text(json.dumps(wrong))
+    (runs / "bbbb.json").write_text(json.dumps(make_record(seed=7)))  # run_id is not the file name
+    code, doc = check_json(tmp_path, capsys=capsys)
+    assert code == 0
+    assert only_group(doc)["metrics"]["image_AUROC"]["n"] == 5
+    errors = {m["path"]: m["error"] for m in doc["malformed"]}
+    assert errors["s1/runs/aaaa.json"].startswith("not valid JSON")
+    assert "metrics" in errors[f"s1/runs/{missing['run_id']}.json"]
+    assert "$.seed" in errors[f"s1/runs/{wrong['run_id']}.json"]
+    assert "does not match the file name" in errors["s1/runs/bbbb.json"]
+    main(["check", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"malformed record {runs / 'aaaa.json'}: not valid JSON" in err
+    assert len(err.strip().splitlines()) == 4  # one line a file
+
+
+def test_trials_stay_out_of_the_groups_and_feed_the_search_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trials = []
+    for i, (val, stopped) in enumerate([(0.6, False), (0.7, False), (0.4, True)]):
+        trial = make_record(model="ganomaly", sweep="hpo", repeat=i, role="trial", study="hpo")
+        curve = [{"epoch": 1, "val_image_AUROC": 0.5}, {"epoch": 2, "val_image_AUROC": val}][: 1 if stopped else 2]
+        trial.update(
+            metrics={"val_image_AUROC": val}, predictions=None, validation={"curve": curve, "stopped_early": stopped}
+        )
+        trials.append(trial)
+    selection = {"metric": "val_image_AUROC", "mode": "max", "value": 0.7, "trial_run_id": trials[1]["run_id"]}
+    selection |= {"config": {"model_args.lr": 0.001}, "rule": "max of last-epoch val_image_AUROC"}
+    best = seeds_of([0.55, 0.65, 0.6], model="ganomaly", sweep="hpo", role="best", study="hpo", selection=selection)
+    write_records(tmp_path, trials + best)
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert (group["label"], group["role"], group["metrics"]["image_AUROC"]["n"]) == ("hpo/ganomaly [best]", "best", 3)
+    assert doc["records"]["trials"] == 3
+    (search,) = doc["searches"]
+    assert (search["n_trials"], search["n_ok"], search["n_stopped_early"]) == (3, 3, 1)
+    (sel,) = search["selections"]
+    assert (sel["group"], sel["val_score"], sel["trial_run_id"]) == ("hpo/ganomaly [best]", 0.7, trials[1]["run_id"])
+
+
+JSON_KEYS = {"schema", "tolerance", "records", "malformed", "determinism", "groups", "comparisons", "searches"}
+GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
+GROUP_KEYS |= {"hardware_ids", "note", "failed", "metrics", "determinism", "cross_hardware"}
+
+
+def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    assert set(doc) == JSON_KEYS
+    assert set(doc["groups"][0]) == GROUP_KEYS
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for key in JSON_KEYS | GROUP_KEYS:
+        assert f"`{key}`" in readme, key
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "no run records in"),
+    ],
+)
+def test_no_store_or_an_empty_one_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Any, message: str
+) -> None:
+    make(tmp_path / "results")
+    assert main(["check", str(tmp_path / "results")]) == 2
+    assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all(message in line for line in err)
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_a_negative_tolerance_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of(AUROCS))
+    assert main(["check", str(tmp_path), "--tolerance", "-1"]) == 2
+    assert "--tolerance must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_check_and_report_never_import_torch_anomalib_ray_or_wandb(tmp_path: Path) -> None:
+    write_records(tmp_path / "results", seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1))
+    code = (
+        "import sys; from harness.cli import main; "
+        f"assert main(['check', {str(tmp_path / 'results')!r}]) == 0; "
+        f"assert main(['report', {str(tmp_path / 'results')!r}, '--out', {str(tmp_path / 'r.md')!r}]) == 0; "
+        "heavy = [m for m in ('torch', 'anomalib', 'ray', 'wandb', 'lightning') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
