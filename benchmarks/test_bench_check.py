@@ -51,6 +51,13 @@ def _category_records(category: str) -> int:
             params["model_args"]["sweep_index"] = s  # ten different configurations
             params["data"]["sha256"] = category
             sweep = f"{model}-{s}"
+            selection = None
+            if model == "ganomaly":
+                trials = [_trial(sweep, category, params, t, n_test, rng) for t in range(TRIALS)]
+                written += sum(_put(root, t) for t in trials)
+                won = max(trials, key=lambda t: t["metrics"]["val_image_AUROC"])
+                selection = {"metric": "val_image_AUROC", "mode": "max", "value": won["metrics"]["val_image_AUROC"]}
+                selection |= {"trial_run_id": won["run_id"], "config": {"model_args.lr": 0.001}, "rule": "max"}
             for seed in range(SEEDS):
                 base = [rng.random() for _ in rk.LABELS]
                 auroc = 0.9 + 0.05 * rng.random() if model == "patchcore" else 0.4 + 0.2 * rng.random()
@@ -61,23 +68,23 @@ def _category_records(category: str) -> int:
                         rec = rk.make_record(
                             sweep=sweep, model=model, category=category, seed=seed, repeat=repeat, env=env,
                             params=params, metrics=metrics, scores=[x + jitter for x in base], role=role,
-                            n_test=n_test,
+                            n_test=n_test, selection=selection,
                         )  # fmt: skip
                         written += _put(root, rec)
-            if model == "ganomaly":
-                for t in range(TRIALS):
-                    curve = [{"epoch": e, "val_image_AUROC": rng.random()} for e in range(1, 11)]
-                    trial = rk.make_record(
-                        sweep=sweep, model=model, category=category, seed=0, repeat=t, params=params, role="trial",
-                        n_test=n_test,
-                    )  # fmt: skip
-                    trial.update(
-                        metrics={"val_image_AUROC": curve[-1]["val_image_AUROC"]},
-                        predictions=None,
-                        validation={"curve": curve, "stopped_early": False},
-                    )
-                    written += _put(root, trial)
     return written
+
+
+def _trial(sweep: str, category: str, params: dict[str, Any], t: int, n_test: int, rng: Any) -> dict[str, Any]:
+    curve = [{"epoch": e, "val_image_AUROC": rng.random()} for e in range(1, 11)]
+    trial = rk.make_record(
+        sweep=sweep, model="ganomaly", category=category, seed=0, repeat=t, params=params, role="trial", n_test=n_test
+    )
+    trial.update(
+        metrics={"val_image_AUROC": curve[-1]["val_image_AUROC"]},
+        predictions=None,
+        validation={"curve": curve, "stopped_early": False},
+    )
+    return trial
 
 
 def _put(root: Path, rec: dict[str, Any]) -> int:

