@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +46,6 @@ MEANINGFUL = 0.75  # P(A>B) a difference must reach to matter (Bouthillier et al
 _PARALLEL_MIN_FILES = 2000  # below this, worker start-up costs more than it saves
 _ROWS_PER_BOOTSTRAP = 512  # rows resampled at once: bounds memory at rows x resamples x n
 
-Verdict = Literal["bitwise", "within_tolerance", "diverged", "untested"]
 _SEVERITY = {"untested": -1, "bitwise": 0, "within_tolerance": 1, "diverged": 2, "differs": 2}
 
 
@@ -123,7 +122,8 @@ class Run(msgspec.Struct, frozen=True):
     role: str
     status: str
     error: str | None
-    config_id: str
+    config_id: str  # hash of the settings, content hashes left out
+    data_sha256: str | None  # the images' content hash (None if the run failed before reading them)
     env_id: str
     hardware_id: str
     metrics: dict[str, float]
@@ -162,14 +162,14 @@ class Store:
         return self._env_diffs[(a, b)]
 
 
-def _reduce(doc: _Doc, rel: str, config_id: str, env_id: str, hardware_id: str) -> Run:
+def _reduce(doc: _Doc, rel: str, config: tuple[str, str | None], env: tuple[str, str]) -> Run:
     if doc.schema != RECORD_SCHEMA:
         raise ValueError(f"unknown schema {doc.schema!r} (expected {RECORD_SCHEMA!r})")
     if doc.run_id != rel.rsplit("/", 1)[-1].removesuffix(".json"):
         raise ValueError(f"run_id {doc.run_id!r} does not match the file name")
     if doc.status == "ok" and doc.role != "trial" and doc.predictions is None:
         raise ValueError("an ok run without predictions")
-    metrics = {k: v for k, v in doc.metrics.items() if v is not None and math.isfinite(v)}
+    metrics = {k: v for k, v in doc.metrics.items() if v is not None}
     if doc.status == "ok":
         cost = {"fit_s": doc.timing.fit_s, "peak_rss_bytes": doc.memory.peak_rss_bytes}
         cost["peak_gpu_bytes"] = doc.memory.peak_gpu_bytes
@@ -185,15 +185,16 @@ def _reduce(doc: _Doc, rel: str, config_id: str, env_id: str, hardware_id: str) 
         repeat=doc.repeat,
         role=doc.role,
         status=doc.status,
-        error=doc.error.strip().splitlines()[-1] if doc.error and doc.error.strip() else None,
-        config_id=config_id,
+        error=doc.error.strip().splitlines()[0] if doc.error and doc.error.strip() else None,
+        config_id=config[0],
+        data_sha256=config[1],
         metrics=metrics,
         scores_sha256=pred.scores_sha256 if pred else None,
         maps_sha256=pred.maps_sha256 if pred else None,
         scores=np.asarray(pred.image_scores, dtype=np.float64).tobytes() if pred else None,
         images_id=hashlib.sha1(bytes(pred.image_paths)).hexdigest() if pred else None,
-        hardware_id=hardware_id,
-        env_id=env_id,
+        env_id=env[0],
+        hardware_id=env[1],
         started_at=doc.started_at,
         finished_at=doc.finished_at,
         data_root=doc.data.root,
@@ -221,15 +222,25 @@ def _parse_files(root: str, rels: Sequence[str]) -> _Parsed:
     bad: list[tuple[str, str]] = []
     params: dict[str, dict[str, Any]] = {}
     envs: dict[str, dict[str, Any]] = {}
-    ids: dict[bytes, tuple[str, str]] = {}  # raw params/environment bytes -> (id, hardware_id)
+    # Raw bytes of a params or environment block -> its ids: decoded once per distinct block.
+    config_ids: dict[bytes, tuple[str, str | None]] = {}
+    env_ids: dict[bytes, tuple[str, str]] = {}
     for rel in rels:
         try:
             doc = _DECODER.decode(read_bytes(os.path.join(root, rel)))
-            config_id, _ = _intern(ids, bytes(doc.params), params)
-            env_id, hardware_id = _intern(ids, bytes(doc.environment), envs)
-            if not hardware_id:
-                raise ValueError("environment.hardware_id: missing")
-            runs.append(_reduce(doc, rel, config_id, env_id, hardware_id))
+            raw_params, raw_env = bytes(doc.params), bytes(doc.environment)
+            if raw_params not in config_ids:
+                value = _object(raw_params, "params")
+                config_ids[raw_params] = _settings_id(value)
+                params.setdefault(config_ids[raw_params][0], value)
+            if raw_env not in env_ids:
+                value = _object(raw_env, "environment")
+                hardware_id = value.get("hardware_id")
+                if not isinstance(hardware_id, str) or not hardware_id:
+                    raise ValueError("environment.hardware_id: missing or not a string")
+                env_ids[raw_env] = (stable_hash(value, 12), hardware_id)
+                envs.setdefault(env_ids[raw_env][0], value)
+            runs.append(_reduce(doc, rel, config_ids[raw_params], env_ids[raw_env]))
         except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors, one line each
             bad.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
     return runs, bad, params, envs
@@ -247,18 +258,30 @@ def read_bytes(path: str) -> bytes:
     return b"".join(chunks)
 
 
-def _intern(ids: dict[bytes, tuple[str, str]], raw: bytes, into: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    """Id (and hardware id) of a params or environment block, decoded once per distinct bytes."""
-    if raw not in ids:
-        value = msgspec.json.decode(raw)
-        if not isinstance(value, dict):
-            raise ValueError("params and environment must be objects")
-        hardware_id = value.get("hardware_id", "")
-        if not isinstance(hardware_id, str):
-            raise ValueError("environment.hardware_id must be a string")
-        ids[raw] = (stable_hash(value, 12), hardware_id)
-        into.setdefault(ids[raw][0], value)
-    return ids[raw]
+def _object(raw: bytes, name: str) -> dict[str, Any]:
+    value = msgspec.json.decode(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected an object")
+    return value
+
+
+CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
+
+
+def _settings_id(params: dict[str, Any]) -> tuple[str, str | None]:
+    """The id of a configuration's settings, and its data's content hash.
+
+    Content hashes are left out of the id: every category of one configuration shares it, and
+    so does a run that failed before it could hash its data. The data hash is kept apart, so
+    a study whose images changed half way is flagged rather than split.
+    """
+    settings = {
+        k: {kk: vv for kk, vv in v.items() if kk != CONTENT_HASHES.get(k)} if isinstance(v, dict) else v
+        for k, v in params.items()
+    }
+    data = params.get("data")
+    sha = data.get("sha256") if isinstance(data, dict) else None
+    return stable_hash(settings, 12), sha if isinstance(sha, str) else None
 
 
 def _parse_encoded(root: str, rels: Sequence[str]) -> bytes:
@@ -273,7 +296,8 @@ def load_store(root: Path) -> Store:
     rels = ResultsStore(root).relpaths()
     if not rels:
         raise HarnessError(f"no run records in {root} (expected {root}/<sweep>/runs/<run_id>.json)")
-    workers = min(len(os.sched_getaffinity(0)), 8) if len(rels) >= _PARALLEL_MIN_FILES else 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cpus, 8) if len(rels) >= _PARALLEL_MIN_FILES else 1
     if workers > 1:
         step = -(-len(rels) // (workers * 4))
         chunks = [rels[i : i + step] for i in range(0, len(rels), step)]
@@ -298,6 +322,7 @@ class Stat:
     """Seed variance of one metric in one group: one value per seed."""
 
     values: np.ndarray  # by seed, ascending
+    seeds: np.ndarray  # the seed of each value
     ci_low: float | None = None
     ci_high: float | None = None
 
@@ -447,9 +472,10 @@ class Pair:
 
 def _pair(a: Run, b: Run, tolerance: float, store: Store, differs: str) -> Pair:
     diffs = {m: b.metrics[m] - a.metrics[m] for m in QUALITY if m in a.metrics and m in b.metrics}
+    same_metrics = {m for m in QUALITY if m in a.metrics} == {m for m in QUALITY if m in b.metrics}
     if a.scores_sha256 == b.scores_sha256 and a.maps_sha256 == b.maps_sha256:
         verdict = "bitwise"
-    elif all(abs(d) <= tolerance for d in diffs.values()):
+    elif diffs and same_metrics and all(abs(d) <= tolerance for d in diffs.values()):
         verdict = "within_tolerance"
     else:
         verdict = differs
@@ -457,11 +483,12 @@ def _pair(a: Run, b: Run, tolerance: float, store: Store, differs: str) -> Pair:
     return Pair(a, b, verdict, diffs, score_diff, store.env_diff(a.env_id, b.env_id))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys, the way ``--set`` names them."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -469,7 +496,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
     """Environment keys whose values differ (nested keys dotted), as [a, b]."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     keys = sorted((set(fa) | set(fb)) - {"hardware_id"})
     return {k: [fa.get(k), fb.get(k)] for k in keys if fa.get(k) != fb.get(k)}
 
@@ -526,8 +553,12 @@ class CrossHardware:
 
     def to_json(self) -> dict[str, Any]:
         deltas = self.deltas()
-        auroc = deltas.get("image_AUROC")
-        ratio = abs(auroc["mean"]) / self.seed_std if auroc and self.seed_std else None
+        abs_deltas = [abs(p.metric_diffs["image_AUROC"]) for p in self.pairs if "image_AUROC" in p.metric_diffs]
+        ratio = float(np.mean(abs_deltas)) / self.seed_std if abs_deltas and self.seed_std else None
+        differs: dict[str, list[Any]] = {}
+        for p in self.pairs:  # every field that differs on any seed, first seen values
+            for k, v in p.env_diff.items():
+                differs.setdefault(k, v)
         return {
             "hardware_a": self.hardware_a,
             "hardware_b": self.hardware_b,
@@ -536,7 +567,7 @@ class CrossHardware:
             "deltas": deltas,
             "delta_over_seed_std": ratio,
             "max_score_diff": max((p.max_score_diff for p in self.pairs if p.max_score_diff is not None), default=None),
-            "fingerprint_diff": self.pairs[0].env_diff,
+            "fingerprint_diff": dict(sorted(differs.items())),
         }
 
 
@@ -565,9 +596,21 @@ class Group:
         return sorted({r.seed for r in self.ok})
 
     @property
+    def data_sha256(self) -> list[str]:
+        """The content hashes of the images its runs read: one, unless the data changed."""
+        return sorted({r.data_sha256 for r in self.ok if r.data_sha256})
+
+    @property
+    def selection(self) -> dict[str, Any] | None:
+        """How a search chose this configuration (best-config groups only)."""
+        return next((r.selection for r in (*self.ok, *self.failed) if r.selection), None)
+
+    @property
     def note(self) -> str | None:
         if not self.ok:
             return "no successful run"
+        if len(self.data_sha256) > 1:
+            return f"the images changed during the study: {len(self.data_sha256)} versions (data.sha256)"
         return "single seed: no spread to report" if len(self.seeds) == 1 else None
 
     def to_json(self) -> dict[str, Any]:
@@ -581,7 +624,8 @@ class Group:
             "config_id": self.config_id,
             "n_runs": len(self.ok),
             "seeds": self.seeds,
-            "repeats": max((sum(r.seed == s for r in self.ok) for s in self.seeds), default=0),
+            "repeats": max(Counter((r.seed, r.hardware_id) for r in self.ok).values(), default=0),
+            "data_sha256": self.data_sha256,
             "hardware_ids": sorted({r.hardware_id for r in self.ok}),
             "note": self.note,
             "failed": [
@@ -625,6 +669,16 @@ class Comparison:
         }
 
 
+_SELECTION_FIELDS = {
+    "metric": "metric",
+    "mode": "mode",
+    "val_score": "value",
+    "trial_run_id": "trial_run_id",
+    "config": "config",
+    "rule": "rule",
+}
+
+
 @dataclass
 class Search:
     """One HPO search (a sweep's trials for one model and category) and what it selected."""
@@ -646,17 +700,8 @@ class Search:
             "n_failed": len(self.trials) - len(ok),
             "n_stopped_early": sum(t.stopped_early for t in ok),
             "selections": [
-                {
-                    "group": g.label,
-                    "metric": sel.get("metric"),
-                    "mode": sel.get("mode"),
-                    "val_score": sel.get("value"),
-                    "trial_run_id": sel.get("trial_run_id"),
-                    "config": sel.get("config"),
-                    "rule": sel.get("rule"),
-                }
+                {"group": g.label} | {key: (g.selection or {}).get(field) for key, field in _SELECTION_FIELDS.items()}
                 for g in self.best
-                if (sel := g.ok[0].selection if g.ok else g.failed[0].selection) is not None
             ],
         }
 
@@ -728,11 +773,12 @@ def _seed_stats(group: Group) -> dict[str, Stat]:
     for run in group.ok:
         for m, v in run.metrics.items():
             per_seed[m][run.seed].append(v)
-    return {
-        m: Stat(np.array([sum(v) / len(v) for _, v in sorted(per_seed[m].items())]))
-        for m in (*QUALITY, *COST)
-        if m in per_seed
-    }
+    stats = {}
+    for m in (*QUALITY, *COST):
+        if m in per_seed:
+            by_seed = sorted(per_seed[m].items())
+            stats[m] = Stat(np.array([sum(v) / len(v) for _, v in by_seed]), np.array([s for s, _ in by_seed]))
+    return stats
 
 
 def _score_diff(a: Run, b: Run) -> float | None:
@@ -767,18 +813,18 @@ def _cross_hardware(group: Group, store: Store, tolerance: float) -> list[CrossH
     return out
 
 
-def _comparisons(groups: list[Group], store: Store) -> list[Comparison]:
+def _comparisons(groups: list[Group]) -> list[Comparison]:
     """Pairs of groups of a category that saw the same data, per compared metric.
 
     Every pair while a category has up to ALL_PAIRS_UP_TO groups; beyond that, each group
     against the best by mean image AUROC (the question a long list asks: which are tied with it).
     """
-    by_data: dict[tuple[str, Any], list[Group]] = defaultdict(list)
+    by_data: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for g in groups:
-        if g.ok:
-            by_data[(g.category, _data_of(store, g))].append(g)
+        if g.ok and len(g.data_sha256) == 1:  # unknown or changed data: nothing to compare with
+            by_data[(g.category, g.data_sha256[0])].append(g)
     todo: list[tuple[str, str, Group, Group]] = []
-    for (category, _), members in sorted(by_data.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (category, _), members in sorted(by_data.items()):
         if len(members) <= ALL_PAIRS_UP_TO:
             pairs = list(combinations(members, 2))
         else:
@@ -787,10 +833,6 @@ def _comparisons(groups: list[Group], store: Store) -> list[Comparison]:
         todo += [(category, m, a, b) for a, b in pairs for m in COMPARED if m in a.stats and m in b.stats]
     results = probability_of_improvement([(a.stats[m].values, b.stats[m].values) for _, m, a, b in todo])
     return [Comparison(c, m, a, b, *res) for (c, m, a, b), res in zip(todo, results, strict=True)]
-
-
-def _data_of(store: Store, group: Group) -> Any:
-    return (store.params[group.config_id].get("data") or {}).get("sha256")
 
 
 def _searches(store: Store, groups: list[Group]) -> list[Search]:
@@ -810,6 +852,11 @@ def check(root: Path, tolerance: float = DEFAULT_TOLERANCE) -> CheckReport:
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HarnessError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     store = load_store(root)
+    if not store.runs:
+        path, error = store.malformed[0]
+        raise HarnessError(
+            f"no readable run record in {root}: {len(store.malformed)} malformed, such as {path}: {error}"
+        )
     groups = _groups(store)
     for g in groups:
         g.stats = _seed_stats(g)
@@ -818,7 +865,7 @@ def check(root: Path, tolerance: float = DEFAULT_TOLERANCE) -> CheckReport:
         g.determinism = _determinism(g, store, tolerance)
         g.cross_hardware = _cross_hardware(g, store, tolerance)
 
-    return CheckReport(store, tolerance, groups, _comparisons(groups, store), _searches(store, groups))
+    return CheckReport(store, tolerance, groups, _comparisons(groups), _searches(store, groups))
 
 
 # --- text output -------------------------------------------------------------------------
@@ -840,10 +887,26 @@ def fmt_small(x: float | None) -> str:
 
 def determinism_cell(group: Group) -> str:
     d = group.determinism
+    tested = {(r.seed, r.hardware_id) for r in group.ok}
+    lost = sum((r.seed, r.hardware_id) in tested for r in group.failed)
+    failed = f"; {lost} repeat{'s' if lost > 1 else ''} failed" if lost else ""
     if d.verdict == "untested":
-        return "untested (no repeats)"
+        return f"untested (no repeats{failed})"
     same = sum(p.verdict == "bitwise" for p in d.pairs)
-    return f"{d.verdict} ({same}/{len(d.pairs)} pairs bitwise)"
+    return f"{d.verdict} ({same}/{len(d.pairs)} pairs bitwise{failed})"
+
+
+def fmt_value(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def failed_lines(groups: Iterable[Group]) -> list[str]:
+    """One line per failed run: what it was, its error's first line, its file."""
+    return [
+        f"{g.label} {g.category} seed {r.seed} repeat {r.repeat}: {r.error} ({r.path})"
+        for g in groups
+        for r in g.failed
+    ]
 
 
 def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -867,7 +930,6 @@ def to_text(rep: CheckReport) -> str:
         f"checked {rep.store.root}: {doc['files']} records ({doc['ok']} ok, {doc['failed']} failed, "
         f"{doc['trials']} search trials), {doc['malformed']} malformed; tolerance {rep.tolerance:g}"
     ]
-    lines += [f"malformed (skipped): {p}: {e}" for p, e in rep.store.malformed]
     rows = [
         (
             g.category,
@@ -881,11 +943,10 @@ def to_text(rep: CheckReport) -> str:
         for g in rep.groups
     ]
     header = ("category", "group", "seeds", "image_AUROC mean±std [95% CI]", "pixel_AUROC", "determinism", "failed")
-    lines += ["", *text_table(header, rows)]
-    failed = [(g, r) for g in rep.groups for r in g.failed]
+    lines += ["", *text_table(header, rows)] if rows else ["", "no test runs (only search trials)"]
+    failed = failed_lines(rep.groups)
     if failed:
-        lines += ["", "failed runs (in no statistic):"]
-        lines += [f"  {g.label} {g.category} seed {r.seed} repeat {r.repeat}: {r.error} ({r.path})" for g, r in failed]
+        lines += ["", "failed runs (in no statistic):", *("  " + line for line in failed)]
     differing = [f"  {g.label} {g.category}: {line}" for g in rep.groups if (line := g.determinism.summary())]
     if differing:
         lines += ["", "same seed, same hardware, different scores (--json lists every pair):", *differing]
@@ -895,9 +956,9 @@ def to_text(rep: CheckReport) -> str:
         for g, c in cross:
             doc_c = c.to_json()
             auroc = doc_c["deltas"].get("image_AUROC")
-            delta = f"image_AUROC delta {auroc['mean']:+.4f} (max {auroc['max_abs']:.4f})" if auroc else ""
+            delta = f"; image_AUROC delta {auroc['mean']:+.4f} (max {auroc['max_abs']:.4f})" if auroc else ""
             lines.append(
-                f"  {g.label} {g.category} {c.hardware_a} vs {c.hardware_b}, {len(c.pairs)} seeds: {c.verdict}; "
+                f"  {g.label} {g.category} {c.hardware_a} vs {c.hardware_b}, {len(c.pairs)} seeds: {c.verdict}"
                 f"{delta}; environment differs in {', '.join(doc_c['fingerprint_diff']) or 'nothing recorded'}"
             )
     if rep.comparisons:
@@ -913,8 +974,9 @@ def to_text(rep: CheckReport) -> str:
             f"search {s.sweep}/{s.model} {s.category}: {doc_s['n_trials']} trials ({doc_s['n_ok']} ok, "
             f"{doc_s['n_failed']} failed, {doc_s['n_stopped_early']} stopped early)"
         )
-        for sel, g in zip(doc_s["selections"], s.best, strict=False):
+        for g in s.best:
+            sel = g.selection or {}
             test = fmt_stat(g.stats.get("image_AUROC"))
-            head += f"; best {sel['metric']} {sel['val_score']:.3f} -> test image_AUROC {test}"
+            head += f"; best {sel.get('metric')} {fmt_value(sel.get('value'))} -> test image_AUROC {test}"
         lines += ["", head]
     return "\n".join(lines) + "\n"

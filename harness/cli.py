@@ -291,6 +291,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from harness.check import check
     from harness.report import default_out, write_report
 
+    if ns.out is not None and ns.out.suffix != ".md":
+        raise HarnessError(f"--out {ns.out}: name a .md file (its plots go to the folder of the same name)")
     rep = check(ns.results)
     out = ns.out or default_out(rep)
     command = f"harness report {ns.results}" + (f" --out {ns.out}" if ns.out else "")

@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.check import (
+    CONTENT_HASHES,
     CheckReport,
     Group,
+    Run,
     Search,
     Stat,
     bootstrap_means,
     determinism_cell,
+    failed_lines,
+    flatten,
+    fmt_value,
 )
 from harness.fsutil import atomic_write_bytes
 
@@ -198,11 +203,11 @@ def mean_over_categories(groups: list[Group], metric: str) -> Stat | None:
     with_metric = [g for g in groups if metric in g.stats]
     if not with_metric:
         return None
-    per_seed = [dict(zip(g.seeds, g.stats[metric].values, strict=True)) for g in with_metric]
+    per_seed = [dict(zip(g.stats[metric].seeds, g.stats[metric].values, strict=True)) for g in with_metric]
     shared = sorted(set.intersection(*(set(p) for p in per_seed)))
     if not shared:
         return None
-    return Stat(np.array([np.mean([p[s] for p in per_seed]) for s in shared]))
+    return Stat(np.array([np.mean([p[s] for p in per_seed]) for s in shared]), np.array(shared))
 
 
 @dataclass
@@ -265,7 +270,7 @@ class StabilityReport:
 
     def _hardware_rows(self) -> list[Sequence[str]]:
         st = self.check.store
-        runs_by_hw: dict[str, list[Any]] = defaultdict(list)
+        runs_by_hw: dict[str, list[Run]] = defaultdict(list)
         for r in st.runs:
             runs_by_hw[r.hardware_id].append(r)
         rows: list[Sequence[str]] = []
@@ -292,35 +297,34 @@ class StabilityReport:
         return rows
 
     def _commands(self) -> list[str]:
-        """`harness run` loops with every recorded setting, so defaults changing later cannot bite."""
+        """`harness run` loops over exactly the stored runs, with every recorded setting.
+
+        Every setting is spelt out, so defaults changing in a later harness cannot bite.
+        """
         st = self.check.store
-        points: dict[tuple[str, str, str, str, str], list[Any]] = defaultdict(list)
+        commands: dict[tuple[str, str, str, str, str, str], str] = {}
+        points: dict[str, dict[str, set[tuple[int, int]]]] = defaultdict(lambda: defaultdict(set))
         for r in st.runs:
-            if r.role != "trial":
-                points[(r.sweep, r.model, r.config_id, r.env_id, r.data_root)].append(r)
-        loops: dict[str, dict[str, set[Any]]] = defaultdict(lambda: defaultdict(set))
-        for (sweep, model, config_id, env_id, data_root), runs in points.items():
-            env = st.envs[env_id]
-            device = "cuda" if str(env.get("device", "cpu")).startswith("cuda") else "cpu"
-            params = json.loads(json.dumps(st.params[config_id]))
-            params.get("data", {}).pop("sha256", None)  # a content hash, not a setting
-            sets = [f"name={sweep}", f"resources.cpu={env.get('threads')}", *_dotted(params)]
-            head = f"harness run --model {model} --data-root {shlex.quote(data_root)} --device {device}"
-            key = head + "".join(f" \\\n      --set {shlex.quote(s)}" for s in sets)
-            for r in runs:
-                loops[key]["category"].add(r.category)
-                loops[key]["seed"].add(r.seed)
-                loops[key]["repeat"].add(r.repeat)
+            if r.role == "trial":
+                continue
+            key = (r.sweep, r.model, r.config_id, r.env_id, r.data_root, r.role)
+            if key not in commands:
+                commands[key] = _run_command(r, st.params[r.config_id], st.envs[r.env_id])
+            points[commands[key]][r.category].add((r.seed, r.repeat))
         out = []
-        for key, values in sorted(loops.items()):
-            cats = " ".join(sorted(values["category"]))
-            seeds = " ".join(map(str, sorted(values["seed"])))
-            reps = " ".join(map(str, sorted(values["repeat"])))
-            out += [
-                f"for c in {cats}; do for s in {seeds}; do for r in {reps}; do",
-                f"  {key.replace(' --device', ' --category $c --seed $s --repeat $r --device', 1)}",
-                "done; done; done",
-            ]
+        for command, by_category in sorted(points.items()):
+            same_points: dict[frozenset[tuple[int, int]], list[str]] = defaultdict(list)
+            for category, runs in by_category.items():
+                same_points[frozenset(runs)].append(category)
+            for pairs, categories in sorted(same_points.items(), key=lambda kv: sorted(kv[1])):
+                seeds, repeats = sorted({s for s, _ in pairs}), sorted({r for _, r in pairs})
+                cats = " ".join(sorted(categories))
+                if len(pairs) == len(seeds) * len(repeats):
+                    head = f"for s in {' '.join(map(str, seeds))}; do for r in {' '.join(map(str, repeats))}; do"
+                else:  # not a full grid: name each seed and repeat
+                    sr = " ".join(f"{s}:{r}" for s, r in sorted(pairs))
+                    head = f"for sr in {sr}; do s=${{sr%:*}} r=${{sr#*:}}"
+                out += [f"for c in {cats}; do {head}", f"  {command}", "done; " * head.count("do") + "done"]
         commits = sorted({str(e.get("harness_commit")) for e in st.envs.values()})
         return [f"# at harness commit {', '.join(commits)}", *out]
 
@@ -362,12 +366,9 @@ class StabilityReport:
                 head = (f"**{label}**", f"**mean of {len(groups)}**", "-" if im is None else str(im.n))
                 rows.append((*head, *_cells(im), *_cells(px), "", "", "", n_failed))
         lines += md_table(header, rows)
-        failed = [(g, r) for g in self.check.groups for r in g.failed]
+        failed = failed_lines(self.check.groups)
         if failed:
-            lines += ["", "Failed runs:", ""]
-            lines += [
-                f"- {g.label} {g.category} seed {r.seed} repeat {r.repeat}: `{r.error}` (`{r.path}`)" for g, r in failed
-            ]
+            lines += ["", "Failed runs:", "", *(f"- {line}" for line in failed)]
         singles = [g for g in self.check.groups if g.note]
         if singles:
             lines += ["", *(f"- {g.label} {g.category}: {g.note}" for g in singles)]
@@ -492,33 +493,27 @@ class StabilityReport:
     def searches(self) -> list[str]:
         if not self.check.searches:
             return []
-        lines = ["## Hyperparameter searches", ""]
         rows = []
         for s in self.check.searches:
             doc = s.to_json()
-            for sel, g in zip(doc["selections"], s.best, strict=False):
+            trials = f"{doc['n_trials']} ({doc['n_ok']} ok, {doc['n_failed']} failed, "
+            trials += f"{doc['n_stopped_early']} stopped early)"
+            for g in s.best:
+                sel = g.selection or {}
                 im = g.stats.get("image_AUROC")
-                config = ", ".join(f"{k}={_short(v)}" for k, v in sorted((sel["config"] or {}).items()))
-                rows.append(
-                    (
-                        f"{s.sweep}/{s.model}",
-                        s.category,
-                        f"{doc['n_trials']} ({doc['n_ok']} ok, {doc['n_failed']} failed, "
-                        f"{doc['n_stopped_early']} stopped early)",
-                        f"`{config}`",
-                        f"{sel['metric']} {_short(sel['val_score'])}",
-                        _mean_std(im),
-                        _ci(im),
-                        _range(im),
-                    )
-                )
-            if not doc["selections"]:
-                rows.append((f"{s.sweep}/{s.model}", s.category, str(doc["n_trials"]), "-", "-", "-", "-", "-"))
-        lines += md_table(
-            ("search", "category", "trials", "best config", "validation", "test image AUROC", "95% CI", "min-max"), rows
-        )
-        lines += ["", "Selection rule: " + _rules(self.check.searches)]
-        return lines
+                config = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted((sel.get("config") or {}).items()))
+                validation = f"{sel.get('metric', '-')} {fmt_value(sel.get('value'))}"
+                rows.append((f"{s.sweep}/{s.model}", s.category, trials, f"`{config}`", validation, *_cells(im)[:3]))
+            if not s.best:
+                rows.append((f"{s.sweep}/{s.model}", s.category, trials, "-", "-", "-", "-", "-"))
+        header = ("search", "category", "trials", "best config", "validation", "test image AUROC", "95% CI", "min-max")
+        return [
+            "## Hyperparameter searches",
+            "",
+            *md_table(header, rows),
+            "",
+            "Selection rule: " + _rules(self.check.searches),
+        ]
 
     def render(self, plots: Sequence[str]) -> str:
         lines = self.header()
@@ -561,29 +556,35 @@ def _ints(values: Iterable[int]) -> str:
     return f"{v[0]}-{v[-1]}" if len(v) > 2 and v == list(range(v[0], v[-1] + 1)) else ", ".join(map(str, v))
 
 
-def _dotted(d: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k, v in sorted(d.items()):
-        if isinstance(v, dict):
-            out += _dotted(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v) if not isinstance(v, str) else v}")
-    return out
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _run_command(run: Run, params: dict[str, Any], env: dict[str, Any]) -> str:
+    """The `harness run` line of one configuration (category, seed and repeat left to the loop)."""
+    device = "cuda" if str(env.get("device", "cpu")).startswith("cuda") else "cpu"
+    settings = {
+        k: v
+        for k, v in flatten(params).items()
+        if k not in {f"{group}.{key}" for group, key in CONTENT_HASHES.items()}  # hashes, not settings
+    }
+    sets = [f"name={run.sweep}", f"resources.cpu={env.get('threads')}"]
+    sets += [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(settings.items())]
+    head = f"harness run --model {run.model} --data-root {shlex.quote(run.data_root)}"
+    head += f" --category $c --seed $s --repeat $r --device {device}"
+    note = ""
+    if run.role == "best":
+        note = f"# the configuration {run.sweep}'s search selected (a rerun by hand is stored with role run)\n  "
+    if settings.get("model_args.weights"):
+        note += "# model_args.weights is the recorded file name: give its path on your machine\n  "
+    return note + head + "".join(f" \\\n      --set {shlex.quote(s)}" for s in sets)
 
 
 def _rules(searches: list[Search]) -> str:
-    rules = sorted({str(g.ok[0].selection.get("rule")) for s in searches for g in s.best if g.ok and g.ok[0].selection})
+    rules = sorted({str(g.selection.get("rule")) for s in searches for g in s.best if g.selection})
     text = "; ".join(rules) or "-"
     return text + ". The winner is retrained on all training images and tested once per seed and repeat."
 
 
 def _ref_row(category: str, ref: Reference, stat: Stat, value: float) -> tuple[str, ...]:
     if stat.ci_low is None or stat.ci_high is None:
-        inside = "no interval (1 seed)"
+        inside = "no interval (1 seed)" if stat.n == 1 else "no interval"
     else:
         inside = (
             "yes" if stat.ci_low <= value <= stat.ci_high else ("no, above" if value > stat.ci_high else "no, below")
@@ -596,8 +597,10 @@ def _figure(n_panels: int, width: float = 4.0) -> tuple[Any, list[Axes]]:
 
     cols = min(n_panels, 3)
     rows = -(-n_panels // cols)
-    fig = Figure(figsize=(width * cols, 3.2 * rows + 0.4), dpi=100)  # fixed margins: tight_layout draws twice
-    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.5 / (3.2 * rows + 0.4), bottom=0.12, hspace=0.7, wspace=0.3)
+    w, h = width * cols, 3.2 * rows + 0.4
+    fig = Figure(figsize=(w, h), dpi=100)
+    # Fixed margins in inches (tight_layout would draw every figure twice).
+    fig.subplots_adjust(left=0.7 / w, right=1 - 0.15 / w, top=1 - 0.5 / h, bottom=0.6 / h, hspace=0.75, wspace=0.3)
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
@@ -645,7 +648,7 @@ def _seed_plot(by_label: dict[str, list[Group]], metric: str) -> bytes:
         ax.scatter(xs, ys, s=14, alpha=0.7, color="tab:blue", zorder=3)
         ax.set_xlim(0.4, len(boxes) + 0.6)
         ax.autoscale_view(scalex=False)
-        ax.set_xticks(range(1, len(boxes) + 1), [label for label, _ in boxes], rotation=20, ha="right", fontsize=7)
+        ax.set_xticks(range(1, len(boxes) + 1), [label.replace("/", "\n", 1) for label, _ in boxes], fontsize=7)
         ax.set_title(category, fontsize=9)
         ax.set_ylabel(metric.replace("_", " "), fontsize=8)
     fig.suptitle(f"{metric.replace('_', ' ')} over seeds (points) per model and category", fontsize=10)
@@ -657,9 +660,9 @@ def _search_plot(searches: list[Search]) -> bytes:
     from matplotlib.collections import LineCollection
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _figure(len(searches))
+    fig, axes = _figure(len(searches), width=5.0)
     for ax, search in zip(axes, searches, strict=True):
-        selections = [g.ok[0].selection for g in search.best if g.ok and g.ok[0].selection]
+        selections = [g.selection for g in search.best if g.selection]
         winners = {str(sel.get("trial_run_id")) for sel in selections}
         metric = next(
             (str(sel.get("metric")) for sel in selections),
@@ -680,8 +683,7 @@ def _search_plot(searches: list[Search]) -> bytes:
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
         ax.set_title(f"{search.category}: {len(search.trials)} trials", fontsize=9)
-    head = f"{searches[0].sweep}/{searches[0].model}"
-    fig.suptitle(f"{head}: validation curves of the trials, winner in red", fontsize=10)
+    fig.suptitle(f"{searches[0].sweep}/{searches[0].model}: trials' validation curves, winner red", fontsize=10)
     return _png(fig)
 
 

@@ -112,7 +112,7 @@ def make_record(
         "seed": seed,
         "repeat": repeat,
         "status": status,
-        "error": None if ok else "RuntimeError: CUDA out of memory\nTraceback ...",
+        "error": None if ok else "OutOfMemoryError: CUDA out of memory (at run.py:301)",
         "metrics": metrics if ok else {},
         "predictions": {
             "image_paths": [f"test/{'good' if lab == 0 else 'hole'}/{i:03d}.png" for i, lab in enumerate(LABELS)],

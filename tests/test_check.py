@@ -189,13 +189,16 @@ def test_failed_runs_are_counted_and_named_never_averaged(tmp_path: Path, capsys
             "run_id": failed["run_id"],
             "seed": 3,
             "repeat": 0,
-            "error": "Traceback ...",
+            "error": "OutOfMemoryError: CUDA out of memory (at run.py:301)",
             "path": f"s1/runs/{failed['run_id']}.json",
         }
     ]
     assert doc["records"] == {"files": 4, "ok": 3, "failed": 1, "trials": 0, "malformed": 0}
     assert main(["check", str(tmp_path)]) == 0
-    assert f"seed 3 repeat 0: Traceback ... (s1/runs/{failed['run_id']}.json)" in capsys.readouterr().out
+    assert (
+        f"seed 3 repeat 0: OutOfMemoryError: CUDA out of memory (at run.py:301) (s1/runs/{failed['run_id']}.json)"
+        in (capsys.readouterr().out)
+    )
 
 
 def test_a_single_seed_says_so_instead_of_a_std_of_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -268,7 +271,7 @@ def test_trials_stay_out_of_the_groups_and_feed_the_search_summary(
 
 JSON_KEYS = {"schema", "tolerance", "records", "malformed", "determinism", "groups", "comparisons", "searches"}
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
-GROUP_KEYS |= {"hardware_ids", "note", "failed", "metrics", "determinism", "cross_hardware"}
+GROUP_KEYS |= {"hardware_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_hardware"}
 
 
 def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -317,3 +320,121 @@ def test_check_and_report_never_import_torch_anomalib_ray_or_wandb(tmp_path: Pat
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_run_that_failed_before_hashing_its_data_stays_in_its_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unstarted = make_record(seed=3, status="failed")
+    del unstarted["params"]["data"]["sha256"]  # as `unstarted_record` writes it: no data was read
+    write_records(tmp_path, [*seeds_of(AUROCS[:3]), unstarted])
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert (group["label"], len(group["failed"]), group["data_sha256"]) == ("s1/patchcore", 1, ["d0"])
+
+
+def test_changed_images_are_flagged_and_not_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    changed = make_record(seed=4)
+    changed["params"]["data"]["sha256"] = "d1"
+    changed["run_id"] = "changed0000000000"
+    write_records(tmp_path, [*seeds_of(AUROCS[:4]), changed, *seeds_of(AUROCS, sweep="b", model="ganomaly")])
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc, model="patchcore")
+    assert group["data_sha256"] == ["d0", "d1"]
+    assert group["note"] == "the images changed during the study: 2 versions (data.sha256)"
+    assert doc["comparisons"] == []
+
+
+def test_a_repeat_that_lost_a_metric_is_not_within_tolerance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lost = make_record(repeat=1, metrics={"pixel_AUROC": None, "pixel_AUPRO": None}, scores=scores_for(0.5))
+    write_records(tmp_path, [make_record(), lost])
+    code, doc = check_json(tmp_path, "--strict", capsys=capsys)
+    assert (code, only_group(doc)["determinism"]["verdict"]) == (1, "diverged")
+
+
+def test_a_failed_repeat_is_said_in_the_determinism_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, [*seeds_of(AUROCS[:3]), make_record(seed=0, repeat=1, status="failed")])
+    main(["check", str(tmp_path)])
+    assert "untested (no repeats; 1 repeat failed)" in capsys.readouterr().out
+
+
+def test_opposite_hardware_deltas_do_not_cancel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = seeds_of([0.85, 0.80, 0.90], env=GPU_ENV)
+    write_records(tmp_path, seeds_of([0.80, 0.85, 0.90]) + gpu)
+    _, doc = check_json(tmp_path, capsys=capsys)
+    (cross,) = only_group(doc)["cross_hardware"]
+    assert cross["deltas"]["image_AUROC"] == {"mean": pytest.approx(0.0), "max_abs": pytest.approx(0.05)}
+    std = statistics.stdev([0.825, 0.825, 0.90])
+    assert cross["delta_over_seed_std"] == pytest.approx((0.05 + 0.05 + 0.0) / 3 / std)
+
+
+def test_many_configurations_are_compared_with_the_best(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = []
+    for k in range(10):  # ten sweeps of one config each: more than ALL_PAIRS_UP_TO groups
+        records += seeds_of([v - 0.01 * k for v in AUROCS], sweep=f"s{k}", model="ganomaly")
+    write_records(tmp_path, records)
+    _, doc = check_json(tmp_path, capsys=capsys)
+    assert len(doc["comparisons"]) == 9
+    assert {c["a"] for c in doc["comparisons"]} == {"s0/ganomaly"}  # the best mean
+    verdicts = {c["b"]: c["verdict"] for c in doc["comparisons"]}
+    assert verdicts["s1/ganomaly"] == "within noise"
+    assert verdicts["s9/ganomaly"] == "A better"
+
+
+def test_unequal_seed_counts_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, seeds_of(AUROCS, sweep="a") + seeds_of([0.5, 0.55, 0.6], sweep="b", model="ganomaly"))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    (cmp,) = doc["comparisons"]
+    assert (cmp["n_a"], cmp["n_b"], cmp["p_a_better"], cmp["verdict"]) == (5, 3, 1.0, "A better")
+
+
+def test_a_store_of_malformed_records_only_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "s1" / "runs").mkdir(parents=True)
+    (tmp_path / "s1" / "runs" / "x.json").write_text("[]")
+    assert main(["check", str(tmp_path)]) == 2
+    assert "no readable run record in" in capsys.readouterr().err
+
+
+def test_a_store_of_trials_only_checks_with_no_test_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trial = make_record(model="ganomaly", role="trial", study="hpo")
+    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation={"curve": []})
+    write_records(tmp_path, [trial])
+    assert main(["check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no test runs (only search trials)" in out
+    assert "search s1/ganomaly disc: 1 trials (1 ok, 0 failed, 0 stopped early)" in out
+
+
+def test_a_selection_without_a_value_and_a_best_config_that_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chosen = {"metric": "val_image_AUROC", "mode": "max", "config": {"model_args.lr": 0.001}}
+    other = json.loads(json.dumps(make_record(model="ganomaly")["params"]))
+    other["model_args"]["lr"] = 0.005
+    best = {"model": "ganomaly", "sweep": "hpo", "role": "best", "study": "hpo"}
+    records = [make_record(seed=s, metrics={"image_AUROC": 0.9}, selection=chosen, **best) for s in range(2)]
+    records.append(make_record(params=other, status="failed", selection={**chosen, "value": 0.4}, **best))
+    write_records(tmp_path, records)
+    code, doc = check_json(tmp_path, capsys=capsys)
+    assert code == 0
+    (search,) = doc["searches"]
+    by_group = {sel["group"]: sel for sel in search["selections"]}
+    assert len(by_group) == 2
+    assert {sel["val_score"] for sel in by_group.values()} == {None, 0.4}
+    main(["check", str(tmp_path)])
+    assert "best val_image_AUROC - -> test image_AUROC 0.900" in capsys.readouterr().out
+
+
+def test_large_stores_are_read_in_worker_processes_with_the_same_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import harness.check as checker
+
+    write_records(tmp_path, seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1) + seeds_of(AUROCS, category="weave"))
+    (tmp_path / "s1" / "runs" / "zzzz.json").write_text("{")
+    serial = checker.check(tmp_path).to_json()
+    monkeypatch.setattr(checker, "_PARALLEL_MIN_FILES", 2)
+    assert checker.check(tmp_path).to_json() == serial
+    assert serial["records"]["malformed"] == 1

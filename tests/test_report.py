@@ -44,7 +44,16 @@ def fixed_store(root: Path) -> Path:
     selection = {"metric": "val_image_AUROC", "mode": "max", "value": 0.7, "trial_run_id": trials[1]["run_id"]}
     selection |= {"config": {"model_args.lr": 0.001}, "rule": "max of last-epoch val_image_AUROC among finished trials"}
     records += trials
-    best = {"sweep": "hpo", "model": "ganomaly", "study": "hpo", "role": "best", "selection": selection}
+    chosen = json.loads(json.dumps(trials[1]["params"]))
+    chosen["model_args"]["lr"] = 0.001
+    best = {
+        "sweep": "hpo",
+        "model": "ganomaly",
+        "study": "hpo",
+        "role": "best",
+        "selection": selection,
+        "params": chosen,
+    }
     records += [make_record(seed=s, metrics={"image_AUROC": v}, **best) for s, v in enumerate([0.52, 0.61, 0.47, 0.58])]
     return write_records(root, records)
 
@@ -181,3 +190,22 @@ def test_a_real_harness_run_loop_checks_and_reports(synth_root: Path, tmp_path: 
     (again,) = [json.loads(p.read_text()) for p in rerun.glob("tiny/runs/*.json")]
     (stored_run,) = [r for r in stored if r["run_id"] == again["run_id"]]
     assert again["predictions"]["scores_sha256"] == stored_run["predictions"]["scores_sha256"]
+
+
+def test_a_metric_missing_for_some_seeds_keeps_the_mean_row_honest(tmp_path: Path) -> None:
+    records = [make_record(category=c, seed=s) for c in ("disc", "weave") for s in range(3)]
+    records[1]["metrics"]["pixel_AUROC"] = None  # disc seed 1 has no pixel AUROC
+    write_records(tmp_path / "results", records)
+    out, _ = write_report(check(tmp_path / "results"), tmp_path / "r.md", "harness report results")
+    mean_row = next(r for r in table_rows(out.read_text(), "Stability over seeds") if r[1] == "**mean of 2**")
+    assert mean_row[2] == "3"
+    assert mean_row[7] == "0.950 ± 0.000"  # pixel AUROC over the two seeds both categories have
+
+
+def test_report_out_must_be_markdown_and_nothing_is_written_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fixed_store(tmp_path / "results")
+    assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "reports" / "x")]) == 2
+    assert "name a .md file" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
