@@ -378,7 +378,7 @@ class StabilityReport:
         rows = []
         for label, groups in self.by_label().items():
             for ref in REFERENCES:
-                cells = self._reference_cells(label, groups, ref)
+                cells = self._reference_cells(groups, ref)
                 rows += [(label, *c, ref.source) for c in cells]
         if not rows:
             return []
@@ -393,7 +393,7 @@ class StabilityReport:
             ),
         ]
 
-    def _reference_cells(self, label: str, groups: list[Group], ref: Reference) -> list[tuple[str, ...]]:
+    def _reference_cells(self, groups: list[Group], ref: Reference) -> list[tuple[str, ...]]:
         st = self.check.store
         mine = [
             g
