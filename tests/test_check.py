@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -274,14 +275,42 @@ GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", 
 GROUP_KEYS |= {"hardware_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_hardware"}
 
 
+def nested_keys(doc: Any, prefix: str = "") -> set[str]:
+    """Every key of a JSON document, metric names and fingerprint fields (data, not keys) left out."""
+    keys: set[str] = set()
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if prefix.endswith(("metrics", "deltas", "metric_diffs", "fingerprint_diff", "env_diff", "config")):
+                keys |= nested_keys(v, prefix)  # keyed by metric or field name
+                continue
+            keys.add(k)
+            keys |= nested_keys(v, k)
+    elif isinstance(doc, list):
+        for v in doc:
+            keys |= nested_keys(v, prefix)
+    return keys
+
+
 def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_records(tmp_path, seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1))
+    planted = scores_for(0.9)
+    planted[0] += 0.1
+    records = [*seeds_of(AUROCS), make_record(repeat=1, scores=planted), make_record(seed=7, status="failed")]
+    records += seeds_of(AUROCS, env=GPU_ENV) + seeds_of(AUROCS, sweep="b", model="ganomaly")
+    trial = make_record(model="ganomaly", sweep="b", role="trial", study="hpo")
+    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation={"curve": []})
+    best = seeds_of(AUROCS[:1], model="ganomaly", sweep="b", role="best", selection={"metric": "val_image_AUROC"})
+    write_records(tmp_path, [*records, trial, *best])
     _, doc = check_json(tmp_path, capsys=capsys)
     assert set(doc) == JSON_KEYS
-    assert set(doc["groups"][0]) == GROUP_KEYS
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert {k for g in doc["groups"] for k in g} == GROUP_KEYS
+    json_section = (Path(__file__).parent.parent / "README.md").read_text().split("`--json` prints one document")[1]
+    json_section = json_section.split("### `harness report")[0]
     for key in JSON_KEYS | GROUP_KEYS:
-        assert f"`{key}`" in readme, key
+        assert f"`{key}`" in json_section, key
+    everything = nested_keys(doc)
+    assert {"differing", "cross_hardware", "comparisons", "selections", "p_a_better", "env_diff"} <= everything
+    for key in everything:
+        assert re.search(rf"\b{key}\b", json_section), key
 
 
 @pytest.mark.parametrize(
