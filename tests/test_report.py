@@ -209,3 +209,23 @@ def test_report_out_must_be_markdown_and_nothing_is_written_otherwise(
     assert main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "reports" / "x")]) == 2
     assert "name a .md file" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
+
+
+def test_all_fifteen_categories_get_a_mean_beside_the_published_means(tmp_path: Path) -> None:
+    records = [
+        make_record(category=c, seed=s, metrics={"image_AUROC": 0.96 + 0.01 * s}, n_test=n)
+        for c, n in MVTEC_TEST_IMAGES.items()
+        for s in range(3)
+    ]
+    write_records(tmp_path / "results", records)
+    out, _ = write_report(check(tmp_path / "results"), tmp_path / "r.md", "harness report results")
+    rows = table_rows(out.read_text(), "Published numbers beside ours")
+    means = {(r[2], r[6]): r[3:6] for r in rows if r[1] == "mean"}
+    assert means[("image_AUROC", "anomalib PatchCore README (ResNet-18, seed 42, one run)")] == [
+        "0.970 [0.960, 0.980]",
+        "0.973",
+        "yes",
+    ]
+    paper = means[("image_AUROC", "PatchCore paper, Roth et al. CVPR 2022 (WideResNet-50, 10% coreset)")]
+    assert paper == ["0.970 [0.960, 0.980]", "0.990", "n/a: wide_resnet50_2 vs our resnet18"]
+    assert len([r for r in rows if r[2] == "image_AUROC" and r[1] != "mean"]) == 15
