@@ -483,6 +483,10 @@ def _pair(a: Run, b: Run, tolerance: float, store: Store, differs: str) -> Pair:
     return Pair(a, b, verdict, diffs, score_diff, store.env_diff(a.env_id, b.env_id))
 
 
+def _worst(pairs: list[Pair]) -> str:
+    return max((p.verdict for p in pairs), key=_SEVERITY.__getitem__, default="untested")
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one level of dotted keys, the way ``--set`` names them."""
     out: dict[str, Any] = {}
@@ -507,9 +511,7 @@ class Determinism:
 
     @property
     def verdict(self) -> str:
-        if not self.pairs:
-            return "untested"
-        return max((p.verdict for p in self.pairs), key=_SEVERITY.__getitem__)
+        return _worst(self.pairs)
 
     def summary(self) -> str | None:
         """One line on the pairs that are not bitwise equal, naming the worst; None if there are none."""
@@ -541,7 +543,7 @@ class CrossHardware:
 
     @property
     def verdict(self) -> str:
-        return max((p.verdict for p in self.pairs), key=_SEVERITY.__getitem__)
+        return _worst(self.pairs)
 
     def deltas(self) -> dict[str, dict[str, float]]:
         out = {}

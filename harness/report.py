@@ -188,9 +188,11 @@ class StabilityReport:
             "## What was run",
             "",
         ]
+        by_sweep: dict[str, list[Run]] = defaultdict(list)
+        for r in runs:
+            by_sweep[r.sweep].append(r)
         rows = []
-        for sweep in sorted({r.sweep for r in runs}):
-            mine = [r for r in runs if r.sweep == sweep]
+        for sweep, mine in sorted(by_sweep.items()):
             tested = [r for r in mine if r.role != "trial"]
             rows.append(
                 (
