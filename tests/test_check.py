@@ -65,6 +65,20 @@ def test_an_interval_does_not_depend_on_the_rest_of_the_store(tmp_path: Path) ->
     assert (ci[0].ci_low, ci[0].ci_high) == (ci[1].ci_low, ci[1].ci_high)
 
 
+def test_an_interval_is_the_same_alone_and_among_thousands_of_rows() -> None:
+    """Rows go to scipy in chunks of 512 with a batch size that depends on the chunk: no effect."""
+    from harness.check import Stat, bootstrap_means
+
+    rng = np.random.default_rng(7)
+    alone = Stat(np.array(AUROCS), np.arange(5))
+    crowd = [Stat(rng.uniform(0.5, 1.0, 5), np.arange(5)) for _ in range(1500)]
+    twin = Stat(np.array(AUROCS), np.arange(5))
+    bootstrap_means([alone])
+    bootstrap_means([*crowd[:1100], twin, *crowd[1100:]])  # in the third chunk
+    assert (twin.ci_low, twin.ci_high) == (alone.ci_low, alone.ci_high)
+    assert all(s.ci_low is not None and s.ci_low < s.mean < s.ci_high for s in crowd)
+
+
 def test_repeats_with_equal_hashes_are_bitwise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_records(tmp_path, seeds_of(AUROCS[:2]) + seeds_of(AUROCS[:2], repeat=1))
     code, doc = check_json(tmp_path, "--strict", capsys=capsys)
