@@ -289,13 +289,15 @@ def _parse_encoded(root: str, rels: Sequence[str]) -> bytes:
     return msgspec.msgpack.encode(_parse_files(root, rels))
 
 
-def load_store(root: Path) -> Store:
-    """Read every record under ``root`` (in worker processes for large stores), sorted by path."""
+def load_store(root: Path, sweep: str = "*") -> Store:
+    """Read every record under ``root`` (of one sweep, or all; in worker processes for large
+    stores), sorted by path."""
     if not root.is_dir():
         raise HarnessError(f"results directory {root} does not exist")
-    rels = ResultsStore(root).relpaths()
+    rels = ResultsStore(root).relpaths(sweep)
     if not rels:
-        raise HarnessError(f"no run records in {root} (expected {root}/<sweep>/runs/<run_id>.json)")
+        where = f"{root}/{sweep}/runs/<run_id>.json" if sweep != "*" else f"{root}/<sweep>/runs/<run_id>.json"
+        raise HarnessError(f"no run records in {root} (expected {where})")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(cpus, 8) if len(rels) >= _PARALLEL_MIN_FILES else 1
     if workers > 1:
@@ -849,11 +851,11 @@ def _searches(store: Store, groups: list[Group]) -> list[Search]:
     return [Search(*key, trials.get(key, []), best.get(key, [])) for key in sorted(set(trials) | set(best))]
 
 
-def check(root: Path, tolerance: float = DEFAULT_TOLERANCE) -> CheckReport:
-    """Read the store at ``root`` and compute every verdict."""
+def check(root: Path, tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
+    """Read the store at ``root`` (one sweep of it, or all) and compute every verdict."""
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HarnessError(f"--tolerance must be a finite number >= 0, got {tolerance}")
-    store = load_store(root)
+    store = load_store(root, sweep)
     if not store.runs:
         path, error = store.malformed[0]
         raise HarnessError(

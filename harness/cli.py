@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "harness check results --strict\n  harness check results --json > check.json",
     )
     check.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    _add_sweep(check)
     check.add_argument("--json", action="store_true", help="print the machine-readable document (keys in README)")
     check.add_argument("--strict", action="store_true", help="exit 1 when a same-seed repeat diverged")
     check.add_argument(
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "harness report results --out reports/smoke.md",
     )
     report.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    _add_sweep(report)
     report.add_argument(
         "--out",
         type=Path,
@@ -179,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _add(sub, "demo", "synthetic data, then one run of each model, end to end", "harness demo --out demo")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where data and results go (demo/)")
     return parser
+
+
+def _sweep_name(value: str) -> str:
+    from harness.spec import SWEEP_NAME
+
+    if value != "*" and not re.fullmatch(SWEEP_NAME, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a sweep name (letters, digits, . _ -)")
+    return value
+
+
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sweep", default="*", type=_sweep_name, metavar="NAME", help="only this sweep's records (default: all)"
+    )
 
 
 def cmd_synth(ns: argparse.Namespace) -> int:
@@ -241,9 +258,16 @@ def execute_run(
     store = ResultsStore(results or default_results_dir())
     store.check_writable()
     from harness.run import run_one
+    from harness.tracking import open_tracker
 
+    tracker = open_tracker(spec, store.root)  # online without a key fails here, before the run
+    if tracker is not None:
+        tracker.attach(store)
     record = run_one(run_spec(spec, category, seed, repeat, device))
-    return record, store.put(record.to_json())
+    path = store.put(record.to_json())
+    if tracker is not None:
+        tracker.finish(store, summary=False)
+    return record, path
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -277,7 +301,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
     from harness.check import DEFAULT_TOLERANCE, check, to_text
 
-    rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance)
+    rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance, ns.sweep)
     for path, error in rep.store.malformed:
         print(f"harness check: malformed record {ns.results / path}: {error}", file=sys.stderr)
     if ns.json:  # sorted keys, indented; msgspec writes 7 MB of it in a tenth of json.dumps' time
@@ -289,13 +313,13 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     from harness.check import check
-    from harness.report import default_out, write_report
+    from harness.report import default_out, report_command, write_report
 
     if ns.out is not None and ns.out.suffix != ".md":
         raise HarnessError(f"--out {ns.out}: name a .md file (its plots go to the folder of the same name)")
-    rep = check(ns.results)
+    rep = check(ns.results, sweep=ns.sweep)
     out = ns.out or default_out(rep)
-    command = f"harness report {ns.results}" + (f" --out {ns.out}" if ns.out else "")
+    command = report_command(ns.results, ns.sweep, ns.out)
     path, plots = write_report(rep, out, command)
     for p, error in rep.store.malformed:
         print(f"harness report: malformed record {ns.results / p}: {error} (skipped)", file=sys.stderr)

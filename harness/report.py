@@ -110,6 +110,31 @@ REFERENCES = (
 )
 
 
+STABILITY_COLUMNS = (
+    "model",
+    "category",
+    "seeds",
+    "image AUROC",
+    "image AUROC 95% CI",
+    "image AUROC min-max",
+    "image AUROC CV",
+    "pixel AUROC",
+    "pixel AUROC 95% CI",
+    "pixel AUROC min-max",
+    "pixel AUROC CV",
+    "determinism",
+    "fit s",
+    "peak RSS GiB",
+    "failed",
+)
+
+
+def report_command(results: Path, sweep: str = "*", out: Path | None = None) -> str:
+    """The ``harness report`` line that rebuilds a report: printed in its header."""
+    only = f" --sweep {sweep}" if sweep != "*" else ""
+    return f"harness report {results}{only}" + (f" --out {out}" if out else "")
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -278,6 +303,22 @@ class StabilityReport:
         commits = sorted({str(e.get("harness_commit")) for e in st.envs.values()})
         return [f"# at harness commit {', '.join(commits)}", *out]
 
+    def stability_rows(self) -> list[tuple[bool, tuple[str, ...]]]:
+        """The stability table's rows (``STABILITY_COLUMNS``), each flagged if it is a mean row."""
+        rows: list[tuple[bool, tuple[str, ...]]] = []
+        for label, groups in self.by_label().items():
+            for g in groups:
+                im, px = g.stats.get("image_AUROC"), g.stats.get("pixel_AUROC")
+                cells = (*_cells(im), *_cells(px), determinism_cell(g), *_cost(g), str(len(g.failed)))
+                rows.append((False, (label, g.category, str(len(g.seeds)), *cells)))
+            if len(groups) > 1:
+                im, px = means = [mean_over_categories(groups, m) for m in PLOTTED]
+                bootstrap_means(s for s in means if s is not None)
+                n_failed = str(sum(len(g.failed) for g in groups))
+                head = (label, f"mean of {len(groups)}", "-" if im is None else str(im.n))
+                rows.append((True, (*head, *_cells(im), *_cells(px), "", "", "", n_failed)))
+        return rows
+
     def stability(self) -> list[str]:
         lines = [
             "## Stability over seeds",
@@ -286,35 +327,8 @@ class StabilityReport:
             "95% CI: BCa bootstrap of the mean, seeded. CV: std / mean. Failed runs are counted, never averaged in.",
             "",
         ]
-        header = (
-            "model",
-            "category",
-            "seeds",
-            "image AUROC",
-            "95% CI",
-            "min-max",
-            "CV",
-            "pixel AUROC",
-            "95% CI",
-            "min-max",
-            "CV",
-            "determinism",
-            "fit s",
-            "peak RSS GiB",
-            "failed",
-        )
-        rows = []
-        for label, groups in self.by_label().items():
-            for g in groups:
-                im, px = g.stats.get("image_AUROC"), g.stats.get("pixel_AUROC")
-                cells = (*_cells(im), *_cells(px), determinism_cell(g), *_cost(g), str(len(g.failed)))
-                rows.append((label, g.category, str(len(g.seeds)), *cells))
-            if len(groups) > 1:
-                im, px = means = [mean_over_categories(groups, m) for m in PLOTTED]
-                bootstrap_means(s for s in means if s is not None)
-                n_failed = str(sum(len(g.failed) for g in groups))
-                head = (f"**{label}**", f"**mean of {len(groups)}**", "-" if im is None else str(im.n))
-                rows.append((*head, *_cells(im), *_cells(px), "", "", "", n_failed))
+        header = [c.split(" AUROC ")[-1] for c in STABILITY_COLUMNS]  # "image AUROC CV" -> "CV"
+        rows = [tuple(f"**{c}**" for c in row[:2]) + row[2:] if mean else row for mean, row in self.stability_rows()]
         lines += md_table(header, rows)
         failed = failed_lines(self.check.groups)
         if failed:

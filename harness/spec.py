@@ -52,7 +52,11 @@ class ResourcesSpec(StrictModel):
 
 
 class WandbSpec(StrictModel):
-    project: str = "ad-stability"
+    """Where runs go in W&B. ``WANDB_MODE`` in the environment overrides ``mode``; the API key
+    comes from ``WANDB_API_KEY`` only, never from a spec."""
+
+    project: str = Field(default="ad-stability", min_length=1, max_length=128)
+    entity: str | None = Field(default=None, min_length=1)  # None: the key's default entity
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
@@ -123,13 +127,14 @@ class ValidationSpec(StrictModel):
 SEARCHABLE_PREFIXES = ("model_args.",)
 SEARCHABLE_KEYS = ("data.image_size", "data.train_batch_size")
 HPO_METRICS = ("val_image_AUROC", "val_image_F1Max", "val_pixel_AUROC", "val_pixel_AUPRO")
+SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a directory name in RESULTS, nothing more
 HPO_ONLY_KEYS = ("search_space", "num_samples", "metric", "mode", "scheduler", "search", "validation", "tune_storage")
 
 
 class ExperimentSpec(StrictModel):
     """A whole study as users write it in ``experiments/*.yaml`` (see DESIGN.md)."""
 
-    name: str = Field(default="adhoc", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(default="adhoc", pattern=SWEEP_NAME)
     study: Literal["seeds", "hpo"] = "seeds"
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
@@ -251,6 +256,11 @@ class RunSpec(StrictModel):
         if self.validation is not None:
             params["validation"] = self.validation.model_dump(mode="json")
         return params
+
+
+def config_label(config: dict[str, Any]) -> str:
+    """A trial's sampled values, short: ``latent_vec_size=8,lr=0.00121``."""
+    return ",".join(f"{k.split('.')[-1]}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in config.items())
 
 
 def _one_line(err: ValidationError, *prefix: str) -> str:

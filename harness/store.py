@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,14 @@ def default_results_dir() -> Path:
     return Path(os.environ.get("HARNESS_RESULTS", DEFAULT_RESULTS))
 
 
+# Told of each record once it is stored: the seam for outputs such as W&B (tracking.py).
+Observer = Callable[[dict[str, Any], Path], None]
+
+
 class ResultsStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.observers: list[Observer] = []
 
     def check_writable(self) -> None:
         """Fail before a run, not after it, when records could not be written here."""
@@ -43,6 +48,8 @@ class ResultsStore:
         """Store a record (replacing one with the same id: a rerun of the same run)."""
         path = self.path(record["sweep"], record["run_id"])
         atomic_write_json(path, record)
+        for observer in self.observers:
+            observer(record, path)
         return path
 
     def get(self, sweep: str, run_id: str) -> dict[str, Any] | None:

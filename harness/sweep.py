@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,8 +30,18 @@ from typing import Any, TextIO
 from harness.datasets import check_data
 from harness.errors import HarnessError
 from harness.models import get_model
-from harness.spec import Device, ExperimentSpec, RunSpec, SearchDim, expand, run_spec, with_config
+from harness.spec import (
+    Device,
+    ExperimentSpec,
+    RunSpec,
+    SearchDim,
+    config_label,
+    expand,
+    run_spec,
+    with_config,
+)
 from harness.store import ResultsStore
+from harness.tracking import open_tracker
 
 # Passed from the driver to every worker: on a cluster, workers do not inherit its shell.
 PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "CUBLAS_WORKSPACE_CONFIG")
@@ -180,12 +190,8 @@ def describe(record: dict[str, Any] | RunSpec) -> str:
     name = f"{get('model')} {get('category')} seed={get('seed')} r{get('repeat')}"
     if get("role") == "trial":
         config = (get("selection") or {}).get("config", {})
-        name += " trial " + ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in config.items())
+        name += " trial " + config_label(config)
     return name
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @contextlib.contextmanager
@@ -512,23 +518,35 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
         run_grid(runs, spec, store, progress)
         tally.add(progress)
 
+    tracker = open_tracker(spec, results)  # online without a key fails here, before any run
+    if tracker is not None:
+        tracker.attach(store)
     with cluster(address):
         check_resources(spec)
         if spec.study == "seeds":
             run(expand(spec, _device(spec)))
-            return tally
-        storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
-        for category in spec.data.categories:
-            trials = Progress(spec.num_samples)
-            selection = search(spec, category, store, storage, trials)
-            tally.add(trials)
-            if selection is None:
-                tally.failed.append(f"{category}: no trial finished; nothing to select")
-                continue
-            print(
-                f"best {category}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
-                f"its runs on the test split:"
-            )
-            best = with_config(spec, selection["config"])
-            run([r for r in expand(best, _device(spec), role="best", selection=selection) if r.category == category])
+        else:
+            searches(spec, store, results, tally, run)
+    if tracker is not None:
+        tracker.finish(store)
     return tally
+
+
+def searches(
+    spec: ExperimentSpec, store: ResultsStore, results: Path, tally: SweepResult, run: Callable[[list[RunSpec]], None]
+) -> None:
+    """Per category: the search, then its best configuration's runs on the test split."""
+    storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
+    for category in spec.data.categories:
+        trials = Progress(spec.num_samples)
+        selection = search(spec, category, store, storage, trials)
+        tally.add(trials)
+        if selection is None:
+            tally.failed.append(f"{category}: no trial finished; nothing to select")
+            continue
+        print(
+            f"best {category}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
+            f"its runs on the test split:"
+        )
+        best = with_config(spec, selection["config"])
+        run([r for r in expand(best, _device(spec), role="best", selection=selection) if r.category == category])

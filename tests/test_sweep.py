@@ -270,6 +270,7 @@ def head_node(tmp_path: Path, ray_tmp: Path) -> Iterator[str]:
     port, dash = _free_port(), _free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("WANDB_MODE")  # a job sees W&B settings only through its runtime env
     head = subprocess.Popen(
         [
             str(bin_dir / "ray"),
@@ -326,6 +327,7 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, synth_root: Path) -> None:
+    """As the README says to submit it, W&B settings passed through the job's runtime env."""
     results = tmp_path / "results"
     submit = subprocess.run(
         [
@@ -336,6 +338,8 @@ def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, syn
             head_node,
             "--working-dir",
             str(REPO),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"WANDB_MODE": "offline"}}),
             "--",
             "harness",
             "sweep",
@@ -348,6 +352,8 @@ def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, syn
             "data.categories=[disc]",
             "--set",
             "seeds=[0]",
+            "--set",
+            "tracking.wandb.mode=disabled",  # the runtime env's WANDB_MODE overrides it
             "--results",
             str(results),
         ],
@@ -361,6 +367,9 @@ def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, syn
     recs = records(results)
     assert len(recs) == 2
     assert all(r["status"] == "ok" for r in recs)
+    assert "W&B (offline): 2 runs and the summary run" in submit.stdout
+    logged = {p.name.rsplit("-", 1)[-1] for p in (results / "smoke" / "wandb").glob("offline-run-*")}
+    assert {r["run_id"] for r in recs} < logged
 
 
 @pytest.mark.parametrize(

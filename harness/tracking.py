@@ -1,0 +1,256 @@
+"""W&B, a tracking sink at the edge: it receives records after they are stored, decides nothing.
+
+Every stored record becomes one W&B run whose id is the record's run id, so logging a record
+again continues that run instead of adding one. A sweep ends with a summary run holding the
+stability table and the report. W&B runs in the driver only: workers never see the API key.
+
+A W&B failure (bad key, no network) is reported once and turns W&B off for the rest of the
+command; records are stored first, so nothing is lost. A ledger
+(``RESULTS/<sweep>/wandb/logged/<run_id>``) says which records went up, so the next sweep of
+the same spec logs whatever a failure, a kill or an untracked earlier sweep left out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from harness.check import flatten
+from harness.errors import HarnessError
+from harness.fsutil import atomic_write_bytes
+from harness.hashing import stable_hash
+from harness.spec import ExperimentSpec, WandbSpec, config_label
+from harness.store import ResultsStore
+
+MODES = ("offline", "online", "disabled")
+KEY_ENV = "WANDB_API_KEY"
+# wandb waits 90 s for an unreachable server by default; a sweep's driver should not.
+INIT_TIMEOUT_S = 30.0
+
+
+def wandb_mode(spec: WandbSpec) -> str:
+    """The spec's mode, unless ``WANDB_MODE`` says otherwise; online needs a key in the environment."""
+    mode = os.environ.get("WANDB_MODE", "").strip() or spec.mode
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older names
+    if mode not in MODES:
+        raise HarnessError(f"WANDB_MODE={mode!r}: use offline, online or disabled")
+    if mode == "online" and not os.environ.get(KEY_ENV):
+        raise HarnessError(
+            f"W&B mode online needs {KEY_ENV} in the environment (keys are never read from specs or files); "
+            "or run offline and upload later with `wandb sync`"
+        )
+    return mode
+
+
+def open_tracker(spec: ExperimentSpec, results: Path, out: TextIO = sys.stdout) -> WandbTracker | None:
+    """The spec's W&B sink, or None when it has no ``tracking.wandb`` or its mode is disabled."""
+    if spec.tracking.wandb is None:
+        return None
+    mode = wandb_mode(spec.tracking.wandb)
+    if mode == "disabled":
+        return None
+    return WandbTracker(spec.tracking.wandb.project, spec.tracking.wandb.entity, mode, spec.name, results, out)
+
+
+def run_name(record: dict[str, Any]) -> str:
+    """``patchcore/bottle/seed3/r1``; a trial is named by its sampled values."""
+    base = f"{record['model']}/{record['category']}"
+    role = record.get("role", "run")
+    if role == "trial":
+        return f"{base}/trial/{config_label((record.get('selection') or {}).get('config', {}))}"
+    name = f"{base}/seed{record['seed']}/r{record['repeat']}"
+    return f"{name}/best" if role == "best" else name
+
+
+def run_config(record: dict[str, Any]) -> dict[str, Any]:
+    """What defines the run, one level deep: the W&B filters and parallel coordinates read it."""
+    config = {k: record.get(k) for k in ("sweep", "study", "model", "category", "seed", "repeat", "role")}
+    config["data.root"] = record["data"]["root"]
+    config.update(flatten(record["params"]))
+    config.update(flatten(record.get("selection") or {}, "selection."))
+    config.update(flatten(record.get("environment") or {}, "environment."))
+    return config
+
+
+def run_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """Metrics, timing and memory, as W&B's run table and charts show them."""
+    summary: dict[str, Any] = {k: v for k, v in record["metrics"].items() if v is not None}
+    summary["status"] = record["status"]
+    if record.get("error"):
+        summary["error"] = record["error"].splitlines()[0]
+    parts = {"timing": record["timing"], "memory": record["memory"]}
+    parts["data"] = {k: record["data"][k] for k in ("n_train", "n_test")}
+    if record.get("validation"):
+        parts["validation"] = {k: v for k, v in record["validation"].items() if k != "curve"}
+    summary.update({k: v for k, v in flatten(parts).items() if v is not None})
+    return summary
+
+
+def run_tags(record: dict[str, Any]) -> list[str]:
+    hardware = (record.get("environment") or {}).get("hardware_id")
+    tags = [record["category"], f"seed{record['seed']}", record.get("role", "run")]
+    tags += [f"hw-{hardware}"] if hardware else []
+    tags += ["failed"] if record["status"] == "failed" else []
+    return [t[:64] for t in tags]  # W&B's limit
+
+
+@dataclass
+class WandbTracker:
+    """Logs one sweep's stored records to W&B; see the module docstring for what it promises."""
+
+    project: str
+    entity: str | None
+    mode: str
+    sweep: str
+    results: Path
+    out: TextIO = sys.stdout
+    logged: int = 0
+    failure: str | None = None
+
+    @property
+    def root(self) -> Path:
+        """wandb writes its runs to ``<root>/wandb/``, beside the sweep's records."""
+        return self.results / self.sweep
+
+    def attach(self, store: ResultsStore) -> None:
+        store.observers.append(self.log)
+
+    def log(self, record: dict[str, Any], path: Path) -> None:
+        """One stored record as one W&B run; after a failure, nothing (the ledger remembers)."""
+        if self.failure is None and record["sweep"] == self.sweep:
+            self._guard(self._log_run, record, path)
+
+    def finish(self, store: ResultsStore, summary: bool = True) -> None:
+        """Log the stored records not logged yet, then (for a sweep) the summary run."""
+        missing = [r for r in store.records(self.sweep).values() if not self._logged(r)]
+        if missing and self.failure is None:
+            print(f"W&B: logging {len(missing)} stored runs that are not in W&B yet", file=self.out, flush=True)
+        for record in missing:
+            self.log(record, store.path(self.sweep, record["run_id"]))
+        url = self._guard(self._log_summary) if summary and self.failure is None else None
+        import wandb
+
+        wandb.teardown()  # stop wandb's service process now, not at interpreter exit
+        if self.failure is not None:
+            return
+        where = url or (f"{self.root / 'wandb'}; upload with: wandb sync {self.root / 'wandb'}/offline-run-*")
+        done = f"{self.logged} runs" + (" and the summary run" if summary else "")
+        print(f"W&B ({self.mode}): {done} of project {self.project}, group {self.sweep}: {where}", file=self.out)
+
+    # --- internals ---
+
+    def _ledger(self, run_id: str) -> Path:
+        return self.root / "wandb" / "logged" / run_id
+
+    def _logged(self, record: dict[str, Any]) -> bool:
+        try:
+            return self._ledger(record["run_id"]).read_text() == stable_hash(record)
+        except OSError:
+            return False
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        """Run one W&B step; the first failure is said once and ends W&B for this command."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # wandb raises many types; none of them may stop a sweep
+            first = (str(exc).strip().splitlines() or [""])[0]
+            message = _redact(f"{type(exc).__name__}: {first}")
+            self.failure = message
+            print(
+                f"W&B: {self.mode} logging failed ({message}). Every record is stored; W&B is off for the rest "
+                "of this command; the next sweep (or run) of this spec logs what is missing.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+
+    def _init(self, **kwargs: Any) -> Any:
+        import wandb
+
+        # Artifacts are staged under WANDB_DATA_DIR until uploaded: keep offline runs whole here.
+        os.environ.setdefault("WANDB_DATA_DIR", str(self.root / "wandb" / "data"))
+        settings = wandb.Settings(
+            silent=True,
+            console="off",
+            x_disable_stats=True,
+            x_disable_meta=True,  # the record's environment is in the config already
+            disable_git=True,
+            save_code=False,
+            x_save_requirements=False,
+            init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        resume = "allow" if self.mode == "online" else None  # offline runs never resume
+        return wandb.init(
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,  # type: ignore[arg-type]
+            dir=str(self.root),
+            group=self.sweep,
+            resume=resume,  # type: ignore[arg-type]
+            settings=settings,
+            **kwargs,
+        )
+
+    def _log_run(self, record: dict[str, Any], path: Path) -> None:
+        run = self._init(
+            id=record["run_id"],
+            job_type=record["model"],
+            name=run_name(record),
+            config=run_config(record),
+            tags=run_tags(record),
+        )
+        try:
+            # An HPO trial's validation curve, epoch by epoch, as Tune saw it.
+            for point in (record.get("validation") or {}).get("curve", []):
+                run.log({k: v for k, v in point.items() if k != "epoch" and v is not None}, step=int(point["epoch"]))
+            run.summary.update(run_summary(record))
+            copy = Path(run.dir) / path.name  # a copy in the run's files: later writes cannot change it
+            shutil.copyfile(path, copy)
+            run.save(str(copy), base_path=run.dir, policy="now")
+        finally:
+            run.finish(exit_code=0 if record["status"] == "ok" else 1)
+        atomic_write_bytes(self._ledger(record["run_id"]), stable_hash(record).encode())
+        self.logged += 1
+
+    def _log_summary(self) -> str | None:
+        """The stability table, the plots and the report (md + PNGs, as an artifact) of the sweep."""
+        import wandb
+
+        from harness.check import check
+        from harness.report import STABILITY_COLUMNS, StabilityReport, report_command, write_report
+
+        rep = check(self.results, sweep=self.sweep)
+        command = report_command(self.results, self.sweep)
+        rows = [list(row) for _, row in StabilityReport(rep, command, self.sweep).stability_rows()]
+        run = self._init(
+            id=f"summary-{stable_hash(self.sweep, 12)}",
+            job_type="summary",
+            name=f"{self.sweep}/summary",
+            config={"sweep": self.sweep, "records": rep.store.n_files, "report_command": command},
+            tags=["summary"],
+        )
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                md, plots = write_report(rep, Path(tmp) / f"{self.sweep}.md", command)
+                artifact = wandb.Artifact(f"report-{self.sweep}", type="report", description=f"built by `{command}`")
+                artifact.add_file(str(md), name=md.name)
+                for p in plots:
+                    artifact.add_file(str(p), name=f"{md.stem}/{p.name}")
+                images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}
+                run.log({"stability": wandb.Table(columns=list(STABILITY_COLUMNS), data=rows), **images})
+                run.log_artifact(artifact)
+            return str(run.url) if self.mode == "online" else None
+        finally:
+            run.finish()
+
+
+def _redact(text: str) -> str:
+    """A key must never reach a log, even inside an error message."""
+    key = os.environ.get(KEY_ENV)
+    return text.replace(key, "***") if key else text
