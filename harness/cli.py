@@ -263,10 +263,14 @@ def execute_run(
     tracker = open_tracker(spec, store.root)  # online without a key fails here, before the run
     if tracker is not None:
         tracker.attach(store)
-    record = run_one(run_spec(spec, category, seed, repeat, device))
-    path = store.put(record.to_json())
-    if tracker is not None:
-        tracker.finish(store, summary=False)
+    try:
+        record = run_one(run_spec(spec, category, seed, repeat, device))
+        path = store.put(record.to_json())
+        if tracker is not None:
+            tracker.finish(store, summary=False)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return record, path
 
 

@@ -51,12 +51,15 @@ class ResourcesSpec(StrictModel):
     gpu: float = Field(default=0, ge=0, le=8)
 
 
+WANDB_NAME = r"^[^/\\#?%:\s]+$"  # what W&B accepts in a project or entity name
+
+
 class WandbSpec(StrictModel):
     """Where runs go in W&B. ``WANDB_MODE`` in the environment overrides ``mode``; the API key
     comes from ``WANDB_API_KEY`` only, never from a spec."""
 
-    project: str = Field(default="ad-stability", min_length=1, max_length=128)
-    entity: str | None = Field(default=None, min_length=1)  # None: the key's default entity
+    project: str = Field(default="ad-stability", max_length=128, pattern=WANDB_NAME)
+    entity: str | None = Field(default=None, pattern=WANDB_NAME)  # None: the key's default entity
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 

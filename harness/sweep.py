@@ -56,6 +56,8 @@ MAX_RETRIES = 3
 
 def _worker_setup(env: dict[str, str]) -> None:
     os.environ.update(env)
+    # Only the driver talks to W&B: a key that came with the job's environment leaves here.
+    os.environ.pop("WANDB_API_KEY", None)
     os.environ.setdefault("TQDM_DISABLE", "1")
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
@@ -521,14 +523,18 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
     tracker = open_tracker(spec, results)  # online without a key fails here, before any run
     if tracker is not None:
         tracker.attach(store)
-    with cluster(address):
-        check_resources(spec)
-        if spec.study == "seeds":
-            run(expand(spec, _device(spec)))
-        else:
-            searches(spec, store, results, tally, run)
-    if tracker is not None:
-        tracker.finish(store)
+    try:
+        with cluster(address):
+            check_resources(spec)
+            if spec.study == "seeds":
+                run(expand(spec, _device(spec)))
+            else:
+                searches(spec, store, results, tally, run)
+        if tracker is not None:
+            tracker.finish(store)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return tally
 
 

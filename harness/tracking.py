@@ -2,7 +2,8 @@
 
 Every stored record becomes one W&B run whose id is the record's run id, so logging a record
 again continues that run instead of adding one. A sweep ends with a summary run holding the
-stability table and the report. W&B runs in the driver only: workers never see the API key.
+stability table and the report. Only the sweep's driver talks to W&B: workers never use the
+API key and drop it from their environment.
 
 A W&B failure (bad key, no network) is reported once and turns W&B off for the rest of the
 command; records are stored first, so nothing is lost. A ledger
@@ -12,11 +13,15 @@ the same spec logs whatever a failure, a kill or an untracked earlier sweep left
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,8 +34,11 @@ from harness.store import ResultsStore
 
 MODES = ("offline", "online", "disabled")
 KEY_ENV = "WANDB_API_KEY"
-# wandb waits 90 s for an unreachable server by default; a sweep's driver should not.
+# wandb waits 90 s for an unreachable server by default, and for pending uploads forever.
 INIT_TIMEOUT_S = 30.0
+FINISH_TIMEOUT_S = 300.0
+# The summary run's numeric table: one row per group and metric (what W&B can sort and plot).
+SEED_STATS_COLUMNS = ("model", "category", "metric", "n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv")
 
 
 def wandb_mode(spec: WandbSpec) -> str:
@@ -39,6 +47,8 @@ def wandb_mode(spec: WandbSpec) -> str:
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older names
     if mode not in MODES:
         raise HarnessError(f"WANDB_MODE={mode!r}: use offline, online or disabled")
+    for name, default in (("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S), ("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S)):
+        _seconds(name, default)
     if mode == "online" and not os.environ.get(KEY_ENV):
         raise HarnessError(
             f"W&B mode online needs {KEY_ENV} in the environment (keys are never read from specs or files); "
@@ -101,7 +111,11 @@ def run_tags(record: dict[str, Any]) -> list[str]:
 
 @dataclass
 class WandbTracker:
-    """Logs one sweep's stored records to W&B; see the module docstring for what it promises."""
+    """Logs one sweep's stored records to W&B; see the module docstring for what it promises.
+
+    Records are logged by a thread of their own, so a slow or unreachable server never holds
+    up the driver, which goes on scheduling runs while a record uploads.
+    """
 
     project: str
     entity: str | None
@@ -111,6 +125,8 @@ class WandbTracker:
     out: TextIO = sys.stdout
     logged: int = 0
     failure: str | None = None
+    _queue: queue.Queue[tuple[dict[str, Any], Path] | None] = field(default_factory=queue.Queue, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def root(self) -> Path:
@@ -121,35 +137,63 @@ class WandbTracker:
         store.observers.append(self.log)
 
     def log(self, record: dict[str, Any], path: Path) -> None:
-        """One stored record as one W&B run; after a failure, nothing (the ledger remembers)."""
+        """Queue one stored record for W&B (a store observer: it returns at once)."""
         if self.failure is None and record["sweep"] == self.sweep:
-            self._guard(self._log_run, record, path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="wandb-tracker", daemon=True)
+                self._thread.start()
+            self._queue.put((record, path))
 
     def finish(self, store: ResultsStore, summary: bool = True) -> None:
-        """Log the stored records not logged yet, then (for a sweep) the summary run."""
-        missing = [r for r in store.records(self.sweep).values() if not self._logged(r)]
+        """Wait for the queued records, log the stored ones not logged yet, then (for a sweep)
+        the summary run."""
+        self._stop()
+        stored = list(store.paths(self.sweep))
+        missing = [p for p in stored if not self._logged(p)]
         if missing and self.failure is None:
             print(f"W&B: logging {len(missing)} stored runs that are not in W&B yet", file=self.out, flush=True)
-        for record in missing:
-            self.log(record, store.path(self.sweep, record["run_id"]))
-        url = self._guard(self._log_summary) if summary and self.failure is None else None
-        import wandb
-
-        wandb.teardown()  # stop wandb's service process now, not at interpreter exit
+        for path in missing:
+            record = store.get(self.sweep, path.stem) if self.failure is None else None
+            if record is not None:
+                self._guard(self._log_run, record, path)
+        url = self._guard(self._log_summary) if summary and stored and self.failure is None else None
+        self.close()
         if self.failure is not None:
             return
-        where = url or (f"{self.root / 'wandb'}; upload with: wandb sync {self.root / 'wandb'}/offline-run-*")
         done = f"{self.logged} runs" + (" and the summary run" if summary else "")
+        where = f"{self.root / 'wandb'}; upload with: wandb sync {self.root / 'wandb'}/offline-run-*"
+        if self.mode == "online":
+            where = url or f"project {self.project}"
         print(f"W&B ({self.mode}): {done} of project {self.project}, group {self.sweep}: {where}", file=self.out)
 
+    def close(self) -> None:
+        """Stop the logging thread and wandb's service process (also after an interrupted sweep:
+        a record still uploading gets a few seconds, then the ledger has it logged next time)."""
+        self._stop(timeout=10.0)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:
+            self._guard(wandb.teardown)
+
     # --- internals ---
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.failure is None:
+                self._guard(self._log_run, *item)
+
+    def _stop(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
 
     def _ledger(self, run_id: str) -> Path:
         return self.root / "wandb" / "logged" / run_id
 
-    def _logged(self, record: dict[str, Any]) -> bool:
+    def _logged(self, path: Path) -> bool:
+        """Logged after the record file was last written (a rerun's new record is logged anew)."""
         try:
-            return self._ledger(record["run_id"]).read_text() == stable_hash(record)
+            return self._ledger(path.stem).stat().st_mtime_ns >= path.stat().st_mtime_ns
         except OSError:
             return False
 
@@ -158,12 +202,13 @@ class WandbTracker:
         try:
             return fn(*args)
         except Exception as exc:  # wandb raises many types; none of them may stop a sweep
+            if self.failure is not None:
+                return None
             first = (str(exc).strip().splitlines() or [""])[0]
-            message = _redact(f"{type(exc).__name__}: {first}")
-            self.failure = message
+            self.failure = _redact(f"{type(exc).__name__}: {first}")
             print(
-                f"W&B: {self.mode} logging failed ({message}). Every record is stored; W&B is off for the rest "
-                "of this command; the next sweep (or run) of this spec logs what is missing.",
+                f"W&B: {self.mode} logging failed ({self.failure}). Every record is stored; W&B is off for the "
+                "rest of this command; the next sweep (or run) of this spec logs what is missing.",
                 file=sys.stderr,
                 flush=True,
             )
@@ -172,8 +217,6 @@ class WandbTracker:
     def _init(self, **kwargs: Any) -> Any:
         import wandb
 
-        # Artifacts are staged under WANDB_DATA_DIR until uploaded: keep offline runs whole here.
-        os.environ.setdefault("WANDB_DATA_DIR", str(self.root / "wandb" / "data"))
         settings = wandb.Settings(
             silent=True,
             console="off",
@@ -182,7 +225,10 @@ class WandbTracker:
             disable_git=True,
             save_code=False,
             x_save_requirements=False,
-            init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
+            init_timeout=_seconds("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S),
+            # Uploads still pending after this are given up (and said), not waited on forever.
+            finish_timeout=_seconds("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S),
+            finish_timeout_raises=True,
         )
         self.root.mkdir(parents=True, exist_ok=True)
         resume = "allow" if self.mode == "online" else None  # offline runs never resume
@@ -215,7 +261,7 @@ class WandbTracker:
             run.save(str(copy), base_path=run.dir, policy="now")
         finally:
             run.finish(exit_code=0 if record["status"] == "ok" else 1)
-        atomic_write_bytes(self._ledger(record["run_id"]), stable_hash(record).encode())
+        atomic_write_bytes(self._ledger(record["run_id"]), b"")  # its mtime is what counts
         self.logged += 1
 
     def _log_summary(self) -> str | None:
@@ -225,9 +271,18 @@ class WandbTracker:
         from harness.check import check
         from harness.report import STABILITY_COLUMNS, StabilityReport, report_command, write_report
 
-        rep = check(self.results, sweep=self.sweep)
+        try:
+            rep = check(self.results, sweep=self.sweep)
+        except HarnessError as exc:  # no readable record: nothing to summarise, and no W&B failure
+            print(f"W&B: no summary run ({exc})", file=self.out)
+            return None
         command = report_command(self.results, self.sweep)
         rows = [list(row) for _, row in StabilityReport(rep, command, self.sweep).stability_rows()]
+        numbers = [
+            [g.label, g.category, metric, *stat.to_json().values()]
+            for g in rep.groups
+            for metric, stat in sorted(g.stats.items())
+        ]
         run = self._init(
             id=f"summary-{stable_hash(self.sweep, 12)}",
             job_type="summary",
@@ -236,18 +291,49 @@ class WandbTracker:
             tags=["summary"],
         )
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            # Artifacts wait in WANDB_DATA_DIR until uploaded: keep an offline run's beside it.
+            with tempfile.TemporaryDirectory() as tmp, _env_default("WANDB_DATA_DIR", str(self.root / "wandb")):
                 md, plots = write_report(rep, Path(tmp) / f"{self.sweep}.md", command)
                 artifact = wandb.Artifact(f"report-{self.sweep}", type="report", description=f"built by `{command}`")
                 artifact.add_file(str(md), name=md.name)
                 for p in plots:
                     artifact.add_file(str(p), name=f"{md.stem}/{p.name}")
-                images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}
-                run.log({"stability": wandb.Table(columns=list(STABILITY_COLUMNS), data=rows), **images})
+                run.log(
+                    {
+                        "stability": wandb.Table(columns=list(STABILITY_COLUMNS), data=rows),
+                        "seed_stats": wandb.Table(columns=list(SEED_STATS_COLUMNS), data=numbers),
+                        **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
+                    }
+                )
                 run.log_artifact(artifact)
             return str(run.url) if self.mode == "online" else None
         finally:
             run.finish()
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """``name=value`` for the block unless the user set it; this process's environment after."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _seconds(name: str, default: float) -> float:
+    """A timeout from the environment; checked when the tracker opens, not after a run."""
+    value = os.environ.get(name, "").strip()
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise HarnessError(f"{name}={value!r}: a number of seconds > 0")
+    return seconds
 
 
 def _redact(text: str) -> str:

@@ -270,7 +270,7 @@ def head_node(tmp_path: Path, ray_tmp: Path) -> Iterator[str]:
     port, dash = _free_port(), _free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.pop("WANDB_MODE")  # a job sees W&B settings only through its runtime env
+    env.pop("WANDB_MODE", None)  # a job sees W&B settings only through its runtime env
     head = subprocess.Popen(
         [
             str(bin_dir / "ray"),

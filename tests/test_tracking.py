@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,10 @@ def test_each_stored_record_is_one_wandb_run_and_the_summary_run_holds_the_table
     assert table["data"] == [list(row) for _, row in expected]
     assert [row[:3] for row in table["data"]] == [["s1/patchcore", "disc", "3"]]
     assert table["data"][0][3] == "0.810 ± 0.010"
+    numbers = {(r[2], r[3]): r for r in summary.table("seed_stats")["data"]}
+    stat = numbers[("image_AUROC", 3)]
+    assert stat[:2] == ["s1/patchcore", "disc"]
+    assert stat[4:6] == [pytest.approx(0.81), pytest.approx(0.01)]  # mean and std over seeds 0.80, 0.81, 0.82
     plots = ["search-s1-ganomaly", "seeds-image_AUROC", "seeds-pixel_AUROC"]
     assert sorted(summary.artifacts["report-s1"]) == ["s1.md", *(f"s1/{p}.png" for p in plots)]
     assert {f"plots/{p}" for p in plots} <= set(summary.summary)
@@ -158,15 +163,15 @@ def test_the_ledger_logs_each_record_once_and_again_when_it_changes(tmp_path: Pa
     tracker(root).finish(store, summary=False)
 
     again = tracker(root)
-    again.attach(store)
     again.finish(store, summary=False)
     assert again.logged == 0  # a resumed sweep does not log its stored runs twice
     rerun = make_record(seed=1, metrics={"image_AUROC": 0.7})  # the same run, stored anew
     assert rerun["run_id"] == recs[1]["run_id"]
-    store.put(rerun)  # the observer logs it at once
-    assert again.logged == 1
-    again.finish(store, summary=False)
-    assert again.logged == 1
+    third = tracker(root)
+    third.attach(store)
+    store.put(rerun)  # queued by the observer, logged by the tracker's thread
+    third.finish(store, summary=False)
+    assert third.logged == 1
     runs = offline_runs(root / "s1" / "wandb")
     assert len(runs[recs[0]["run_id"]]) == 1
     assert [r.summary["image_AUROC"] for r in runs[recs[1]["run_id"]]] == [0.9, 0.7]
@@ -203,6 +208,26 @@ def test_online_without_a_key_and_unknown_modes_are_errors(monkeypatch: pytest.M
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(HarnessError, match="WANDB_MODE='sometimes': use offline, online or disabled"):
         wandb_mode(WandbSpec())
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "soon")
+    with pytest.raises(HarnessError, match="WANDB_INIT_TIMEOUT='soon': a number of seconds > 0"):
+        wandb_mode(WandbSpec())
+
+
+@pytest.mark.parametrize("name", ["team/project", "my project", "a#b", ""])
+def test_names_wandb_refuses_are_spec_errors(name: str) -> None:
+    with pytest.raises(HarnessError, match=r"tracking\.wandb\.project"):
+        validate_spec(
+            {"model": "patchcore", "data": {"categories": ["disc"]}, "tracking": {"wandb": {"project": name}}}
+        )
+
+
+def test_a_sweep_without_records_gets_no_summary_run(tmp_path: Path) -> None:
+    root = write_records(tmp_path / "results", [make_record(sweep="s2")])
+    t = tracker(root)
+    t.finish(ResultsStore(root))
+    assert t.failure is None
+    assert not (root / "s1" / "wandb").exists()
 
 
 def test_no_tracking_section_or_disabled_means_no_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,23 +249,26 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])  # closed again when the with ends: nothing answers there
 
 
-def unreachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def unreachable_server(monkeypatch: pytest.MonkeyPatch, timeout_s: float = 3) -> None:
     """Online mode with a key, against a W&B server that is not there (loopback, nothing listening)."""
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", str(timeout_s))
 
 
 def test_a_wandb_failure_is_said_once_and_loses_no_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    unreachable_server(monkeypatch)
+    unreachable_server(monkeypatch, timeout_s=8)
     store = ResultsStore(tmp_path / "results")
     t = tracker(store.root, mode="online")
     t.attach(store)
     recs = [make_record(seed=s) for s in range(3)]
-    paths = [store.put(r) for r in recs]  # the first put fails in W&B; the others are not tried
+    t0 = time.monotonic()
+    paths = [store.put(r) for r in recs]  # queued: W&B works on the first while the driver goes on
+    assert time.monotonic() - t0 < 4  # well inside the 8 s W&B waits for the server
+    assert t.failure is None
     t.finish(store)
     err = capsys.readouterr().err
     assert err.count("W&B: online logging failed") == 1, err
