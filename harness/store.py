@@ -31,6 +31,10 @@ class ResultsStore:
         self.root = root
         self.observers: list[Observer] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Observers stay in the process that attached them (Ray Tune pickles its callbacks)."""
+        return {**self.__dict__, "observers": []}
+
     def check_writable(self) -> None:
         """Fail before a run, not after it, when records could not be written here."""
         existing = self.root

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import socket
 import stat
 import subprocess
@@ -371,3 +372,12 @@ def test_harness_run_survives_an_unreachable_wandb_server(
     assert out.stderr.count("W&B: online logging failed") == 1, out.stderr
     assert FAKE_KEY not in out.stdout + out.stderr
     assert "patchcore disc seed=0 repeat=0: image_AUROC=" in out.stdout
+
+
+def test_a_store_with_a_tracker_pickles_without_it(tmp_path: Path) -> None:
+    """Ray Tune pickles its callbacks, which hold the store: the tracker's thread must not go along."""
+    store = ResultsStore(tmp_path)
+    tracker(tmp_path).attach(store)
+    copy = pickle.loads(pickle.dumps(store))
+    assert (copy.root, copy.observers) == (tmp_path, [])
+    assert len(store.observers) == 1
