@@ -1,0 +1,303 @@
+"""infra/ checked where no Docker engine, Kubernetes or cloud is: every file parses, real
+validators pass (hadolint, kubernetes-validate, Ray's own cluster-config schema), and the
+files agree with the code and with each other (versions, commands, ports, paths, variables)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from harness.cli import build_parser
+from harness.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+IMAGE = f"ad-harness:{PYPROJECT['project']['version']}"
+# What every way of running a cluster must agree on.
+PORTS = {"gcs": 6379, "dashboard": 8265}
+DATA, RESULTS = "/data", "/results"
+ENV = {"RAY_AUTH_MODE", "HF_HUB_OFFLINE", "WANDB_MODE"}
+K8S_VERSION = "1.37.0"
+
+
+# --- Dockerfile --------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (INFRA / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def arg_default(name: str) -> str:
+    (value,) = [rest.split("=", 1)[1] for word, rest in dockerfile() if word == "ARG" and rest.startswith(f"{name}=")]
+    return value
+
+
+def env_keys() -> set[str]:
+    keys: set[str] = set()
+    for word, rest in dockerfile():
+        if word == "ENV":
+            keys |= {kv.split("=", 1)[0] for kv in shlex.split(rest)}
+    return keys
+
+
+def test_hadolint_passes() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run([str(hadolint), str(INFRA / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_image_versions_match_the_pinned_environment() -> None:
+    import torch
+
+    # The CUDA base is the torch build's CUDA (major.minor), Python the project's.
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-base-ubuntu\d+\.\d+", arg_default("CUDA_IMAGE"))
+    assert cuda is not None
+    assert cuda.group(1) == torch.version.cuda
+    python = arg_default("PYTHON_VERSION")
+    assert Requirement(f"python=={python}").specifier.contains(python)
+    assert PYPROJECT["project"]["requires-python"] == ">=3.11,<3.12"
+    assert python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}.")
+
+
+def test_the_lock_pins_every_package_and_agrees_with_pyproject() -> None:
+    lines = [ln for ln in (INFRA / "requirements.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    pins = {}
+    for line in lines:
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", line
+        pins[req.name.lower().replace("_", "-")] = spec.version
+    for dep in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = req.name.lower()
+        assert name in pins, f"{name} is not in infra/requirements.lock"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} does not satisfy {dep}"
+        for extra in req.extras:  # ray[tune,default]: the extras' packages are locked too
+            wanted = importlib.metadata.requires(req.name) or []
+            extra_deps = [Requirement(r) for r in wanted if f'extra == "{extra}"' in r]
+            assert all(r.name.lower().replace("_", "-") in pins for r in extra_deps), extra
+    for name in ("torch", "torchvision", "anomalib", "ray", "wandb", "optuna"):  # as tested here
+        assert pins[name] == importlib.metadata.version(name)
+
+
+def test_image_is_non_root_and_bakes_no_secret_or_run_setting() -> None:
+    users = [rest for word, rest in dockerfile() if word == "USER"]
+    assert users == ["1000:1000"]
+    keys = env_keys() | {rest.split("=", 1)[0] for word, rest in dockerfile() if word == "ARG"}
+    assert not {k for k in keys if re.search(r"KEY|TOKEN|SECRET|PASSWORD", k)}
+    assert not keys & {"WANDB_MODE", "HF_HUB_OFFLINE", "WANDB_API_KEY"}  # left to the environment
+    env = dict(kv.split("=", 1) for word, rest in dockerfile() if word == "ENV" for kv in shlex.split(rest))
+    assert env["HARNESS_RESULTS"] == RESULTS
+    assert any(word == "VOLUME" and RESULTS in rest for word, rest in dockerfile())
+    run = " ".join(rest for word, rest in dockerfile() if word == "RUN")
+    assert f"mkdir -p {DATA} {RESULTS}" in run
+
+
+def test_copied_paths_exist_and_pass_the_build_context_filter() -> None:
+    ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    assert "*" in ignore  # everything else (results, data sets, .venv) stays out of the context
+    for word, rest in dockerfile():
+        if word == "COPY" and "--from=" not in rest:
+            *sources, _dest = [a for a in shlex.split(rest) if not a.startswith("--")]
+            for src in sources:
+                assert (REPO / src).exists(), src
+                assert src.rstrip("/") in allowed, f"{src} is filtered out of the build context"
+
+
+# --- commands: every entrypoint is a harness command on a shipped spec --------------------
+
+
+def check_sweep_command(argv: list[str]) -> None:
+    """Parse ``harness sweep ...`` with the real CLI, and load its spec with its overrides."""
+    assert argv[:2] == ["harness", "sweep"], argv
+    ns = build_parser().parse_args(argv[1:])
+    spec_file = REPO / Path(ns.spec).relative_to("/app") if ns.spec.is_absolute() else REPO / ns.spec
+    assert spec_file.is_file(), spec_file
+    spec = load_spec(spec_file, ns.set)
+    assert spec.data.root == DATA
+    assert str(ns.results) == RESULTS
+    assert ns.address is not None  # it joins the cluster, never starts a local one
+
+
+def interpolate(node: Any) -> Any:
+    """Compose's ``${VAR:-default}`` / ``${VAR:?message}`` with no variable set: the defaults."""
+    if isinstance(node, dict):
+        return {k: interpolate(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v) for v in node]
+    if not isinstance(node, str):
+        return node
+    return re.sub(
+        r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}",
+        lambda m: m.group(2) if m.group(2) is not None else f"<{m.group(1)}>",
+        node,
+    )
+
+
+# --- docker compose ----------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    return dict(interpolate(yaml.safe_load((INFRA / "docker-compose.yml").read_text())))
+
+
+def test_compose_has_a_head_gpu_workers_and_the_sweep() -> None:
+    services = compose()["services"]
+    assert set(services) == {"head", "worker", "sweep"}
+    for svc in services.values():
+        assert svc["image"] == IMAGE
+        assert svc["volumes"] == [f"<DATA_DIR>:{DATA}:ro", f"./results:{RESULTS}"]
+        assert set(svc["environment"]) >= ENV
+        assert svc["environment"]["WANDB_API_KEY"] == ""  # from the host's shell, never written here
+    head = services["head"]["command"]
+    assert head[:3] == ["ray", "start", "--head"]
+    assert f"--port={PORTS['gcs']}" in head
+    assert f"--dashboard-port={PORTS['dashboard']}" in head
+    assert "--dashboard-host=127.0.0.1" in head  # the host's loopback unless asked otherwise
+    assert "--num-gpus=0" in head
+    assert f"--address=127.0.0.1:{PORTS['gcs']}" in services["worker"]["command"]
+    (gpu,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia"
+    assert gpu["capabilities"] == ["gpu"]
+    assert gpu["count"] >= 1
+    assert "deploy" not in services["head"]
+    check_sweep_command(services["sweep"]["command"])
+    assert f":{PORTS['gcs']}" in services["sweep"]["command"][3]
+
+
+def test_compose_refuses_to_start_without_a_data_dir() -> None:
+    text = (INFRA / "docker-compose.yml").read_text()
+    assert "${DATA_DIR:?" in text
+
+
+# --- KubeRay -----------------------------------------------------------------------------
+
+
+def kuberay(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((INFRA / "kuberay" / name).read_text()) if d]
+
+
+def pod_templates(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = cluster["spec"]
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+def validate_k8s(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def as_pod_template(template: dict[str, Any]) -> dict[str, Any]:
+    """A KubeRay pod template as a core ``PodTemplate``, which Kubernetes' own schema checks."""
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+
+
+def test_kuberay_manifests_pass_the_kubernetes_schema() -> None:
+    for doc in kuberay("storage.yaml"):
+        validate_k8s(doc)
+    (cluster,) = kuberay("raycluster.yaml")
+    (job,) = kuberay("rayjob.yaml")
+    for template in [*pod_templates(cluster), job["spec"]["submitterPodTemplate"]]:
+        validate_k8s(as_pod_template(template))
+
+
+def test_the_schema_check_would_catch_a_misspelt_field() -> None:
+    (cluster,) = kuberay("raycluster.yaml")
+    template = pod_templates(cluster)[0]
+    template["spec"]["containers"][0]["volumeMount"] = template["spec"]["containers"][0].pop("volumeMounts")
+    with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
+        validate_k8s(as_pod_template(template))
+
+
+def test_kuberay_cluster_and_job_agree_with_the_code_and_each_other() -> None:
+    (cluster,) = kuberay("raycluster.yaml")
+    (job,) = kuberay("rayjob.yaml")
+    claims = {d["metadata"]["name"] for d in kuberay("storage.yaml")}
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert cluster["spec"]["rayVersion"] == importlib.metadata.version("ray")
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert {p["containerPort"] for p in head_container["ports"]} == set(PORTS.values())
+    for template in pod_templates(cluster):
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == IMAGE
+        assert ENV - {"WANDB_MODE"} <= {e["name"] for e in container["env"]}
+        assert all("value" not in e for e in container["env"] if e["name"] == "WANDB_API_KEY")  # a Secret only
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts[DATA]["readOnly"] is True
+        assert RESULTS in mounts
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for m in (mounts[DATA], mounts[RESULTS]):
+            assert volumes[m["name"]]["persistentVolumeClaim"]["claimName"] in claims
+    assert {e["name"] for e in head_container["env"]} >= ENV
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        (container,) = group["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
+
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    check_sweep_command(shlex.split(job["spec"]["entrypoint"]))
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert set(runtime_env) == {"env_vars"}  # no pip or working_dir: the image has everything
+    assert "WANDB_API_KEY" not in runtime_env["env_vars"]
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == IMAGE
+
+
+# --- Ray cluster launcher ----------------------------------------------------------------
+
+
+def launcher() -> dict[str, Any]:
+    return dict(yaml.safe_load((INFRA / "ray-cluster.yaml").read_text()))
+
+
+def test_launcher_config_passes_rays_own_validation() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(launcher()))
+
+
+def test_launcher_config_has_gpu_workers_within_bounds_and_agrees() -> None:
+    config = launcher()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"]["GPU"] == 0
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert workers
+    for w in workers:
+        assert w["resources"]["GPU"] >= 1
+        assert 0 <= w["min_workers"] <= w["max_workers"] <= config["max_workers"]
+    docker = config["docker"]
+    assert docker["image"] == IMAGE
+    options = " ".join(docker["run_options"])
+    assert f"-v {DATA}:{DATA}:ro" in options
+    assert f"-v {RESULTS}:{RESULTS}" in options
+    assert "--gpus all" in options
+    assert set(re.findall(r"-e (\w+)=", options)) >= ENV
+    start = " ".join(config["head_start_ray_commands"])
+    assert f"--port={PORTS['gcs']}" in start
+    assert f"--dashboard-port={PORTS['dashboard']}" in start
+    assert "--dashboard-host=127.0.0.1" in start  # reached through `ray dashboard` (an SSH tunnel)
+    assert f"$RAY_HEAD_IP:{PORTS['gcs']}" in " ".join(config["worker_start_ray_commands"])
