@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from harness.cli import build_parser
 from harness.spec import load_spec
@@ -74,9 +75,12 @@ def test_image_versions_match_the_pinned_environment() -> None:
     assert cuda is not None
     assert cuda.group(1) == torch.version.cuda
     python = arg_default("PYTHON_VERSION")
-    assert Requirement(f"python=={python}").specifier.contains(python)
-    assert PYPROJECT["project"]["requires-python"] == ">=3.11,<3.12"
-    assert python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}.")
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(python)
+    assert python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}.")  # as tested here
+
+
+def _name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def test_the_lock_pins_every_package_and_agrees_with_pyproject() -> None:
@@ -86,16 +90,20 @@ def test_the_lock_pins_every_package_and_agrees_with_pyproject() -> None:
         req = Requirement(line)
         (spec,) = req.specifier
         assert spec.operator == "==", line
-        pins[req.name.lower().replace("_", "-")] = spec.version
+        pins[_name(req.name)] = spec.version
     for dep in PYPROJECT["project"]["dependencies"]:
         req = Requirement(dep)
-        name = req.name.lower()
-        assert name in pins, f"{name} is not in infra/requirements.lock"
-        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} does not satisfy {dep}"
-        for extra in req.extras:  # ray[tune,default]: the extras' packages are locked too
-            wanted = importlib.metadata.requires(req.name) or []
-            extra_deps = [Requirement(r) for r in wanted if f'extra == "{extra}"' in r]
-            assert all(r.name.lower().replace("_", "-") in pins for r in extra_deps), extra
+        assert _name(req.name) in pins, f"{req.name} is not in infra/requirements.lock"
+        assert req.specifier.contains(pins[_name(req.name)]), f"{req.name}=={pins[_name(req.name)]} vs {dep}"
+    # The whole tree: what each locked package requires (ray's tune and default extras included)
+    # is locked too, since the image installs the lock with --no-deps.
+    extras = {"ray": {"tune", "default"}}
+    for name in pins:
+        for text in importlib.metadata.requires(name) or []:
+            req = Requirement(text)
+            wanted = [{"extra": e} for e in extras.get(name, set())] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in wanted):
+                assert _name(req.name) in pins, f"{name} requires {req.name}, which is not locked"
     for name in ("torch", "torchvision", "anomalib", "ray", "wandb", "optuna"):  # as tested here
         assert pins[name] == importlib.metadata.version(name)
 
@@ -111,6 +119,8 @@ def test_image_is_non_root_and_bakes_no_secret_or_run_setting() -> None:
     assert any(word == "VOLUME" and RESULTS in rest for word, rest in dockerfile())
     run = " ".join(rest for word, rest in dockerfile() if word == "RUN")
     assert f"mkdir -p {DATA} {RESULTS}" in run
+    assert arg_default("BAKE_WEIGHTS") == "1"  # the configs run with HF_HUB_OFFLINE=1
+    assert "rsync openssh-client" in run  # `ray up` syncs into the containers and ssh-es between them
 
 
 def test_copied_paths_exist_and_pass_the_build_context_filter() -> None:
@@ -125,7 +135,7 @@ def test_copied_paths_exist_and_pass_the_build_context_filter() -> None:
                 assert src.rstrip("/") in allowed, f"{src} is filtered out of the build context"
 
 
-# --- commands: every entrypoint is a harness command on a shipped spec --------------------
+# --- commands: every entrypoint is a real command on a shipped spec ----------------------
 
 
 def check_sweep_command(argv: list[str]) -> None:
@@ -140,6 +150,15 @@ def check_sweep_command(argv: list[str]) -> None:
     assert ns.address is not None  # it joins the cluster, never starts a local one
 
 
+def ray_start(argv: list[str]) -> dict[str, Any]:
+    """``ray start`` arguments parsed by Ray's own command line: its options, by name."""
+    from ray.scripts.scripts import start
+
+    i = argv.index("start")
+    assert argv[i - 1] == "ray"
+    return dict(start.make_context("start", argv[i + 1 :]).params)
+
+
 def interpolate(node: Any) -> Any:
     """Compose's ``${VAR:-default}`` / ``${VAR:?message}`` with no variable set: the defaults."""
     if isinstance(node, dict):
@@ -148,11 +167,37 @@ def interpolate(node: Any) -> Any:
         return [interpolate(v) for v in node]
     if not isinstance(node, str):
         return node
-    return re.sub(
-        r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}",
-        lambda m: m.group(2) if m.group(2) is not None else f"<{m.group(1)}>",
-        node,
-    )
+    pattern = r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}"  # ${VAR}, ${VAR:-default}, ${VAR:?message}
+    return re.sub(pattern, lambda m: f"<{m.group(1)}>" if m.group(2) is None else m.group(2), node)
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The shell commands of a README section's code blocks, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"\n{section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip():
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def test_readme_cluster_commands_are_real_harness_and_ray_commands() -> None:
+    harness = ray = 0
+    for argv in readme_commands("## Run on a cluster"):
+        if "harness" in argv:
+            sub = argv[argv.index("harness") :]
+            if sub[1] == "sweep":
+                check_sweep_command(sub)
+            else:
+                build_parser().parse_args(sub[1:])  # exits (a failed test) on a flag it does not know
+            harness += 1
+        if "ray" in argv and "start" in argv:
+            ray_start(argv)
+            ray += 1
+    assert harness >= 5
+    assert ray >= 2
 
 
 # --- docker compose ----------------------------------------------------------------------
@@ -162,33 +207,33 @@ def compose() -> dict[str, Any]:
     return dict(interpolate(yaml.safe_load((INFRA / "docker-compose.yml").read_text())))
 
 
-def test_compose_has_a_head_gpu_workers_and_the_sweep() -> None:
+def test_compose_has_a_head_and_gpu_workers() -> None:
     services = compose()["services"]
-    assert set(services) == {"head", "worker", "sweep"}
+    assert set(services) == {"head", "worker"}
     for svc in services.values():
         assert svc["image"] == IMAGE
-        assert svc["volumes"] == [f"<DATA_DIR>:{DATA}:ro", f"./results:{RESULTS}"]
+        assert svc["volumes"] == [f"<DATA_DIR>:{DATA}:ro", f"<RESULTS_DIR>:{RESULTS}"]
         assert set(svc["environment"]) >= ENV
         assert svc["environment"]["WANDB_API_KEY"] == ""  # from the host's shell, never written here
-    head = services["head"]["command"]
-    assert head[:3] == ["ray", "start", "--head"]
-    assert f"--port={PORTS['gcs']}" in head
-    assert f"--dashboard-port={PORTS['dashboard']}" in head
-    assert "--dashboard-host=127.0.0.1" in head  # the host's loopback unless asked otherwise
-    assert "--num-gpus=0" in head
-    assert f"--address=127.0.0.1:{PORTS['gcs']}" in services["worker"]["command"]
+        assert svc["network_mode"] == "host"
+    head = ray_start(services["head"]["command"])
+    assert head["head"] is True
+    assert (head["port"], head["dashboard_port"]) == (PORTS["gcs"], PORTS["dashboard"])
+    assert head["dashboard_host"] == "127.0.0.1"  # the host's loopback unless asked otherwise
+    assert head["num_gpus"] == 0
+    worker = ray_start(services["worker"]["command"])
+    assert worker["address"] == f"127.0.0.1:{PORTS['gcs']}"
+    # Two Ray nodes on one host's network: the second agent needs its own port.
+    assert worker["dashboard_agent_listen_port"] != head["dashboard_agent_listen_port"]
     (gpu,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert gpu["driver"] == "nvidia"
-    assert gpu["capabilities"] == ["gpu"]
-    assert gpu["count"] >= 1
+    assert gpu == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}  # Ray shares them out
     assert "deploy" not in services["head"]
-    check_sweep_command(services["sweep"]["command"])
-    assert f":{PORTS['gcs']}" in services["sweep"]["command"][3]
 
 
-def test_compose_refuses_to_start_without_a_data_dir() -> None:
+def test_compose_refuses_to_start_without_data_and_results_dirs() -> None:
     text = (INFRA / "docker-compose.yml").read_text()
     assert "${DATA_DIR:?" in text
+    assert "${RESULTS_DIR:?" in text
 
 
 # --- KubeRay -----------------------------------------------------------------------------
@@ -237,7 +282,8 @@ def test_kuberay_cluster_and_job_agree_with_the_code_and_each_other() -> None:
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert cluster["spec"]["rayVersion"] == importlib.metadata.version("ray")
     head = cluster["spec"]["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0"
+    params = ray_start(["ray", "start", "--head", *(f"--{k}={v}" for k, v in head["rayStartParams"].items())])
+    assert params["num_gpus"] == 0
     (head_container,) = head["template"]["spec"]["containers"]
     assert {p["containerPort"] for p in head_container["ports"]} == set(PORTS.values())
     for template in pod_templates(cluster):
@@ -254,6 +300,7 @@ def test_kuberay_cluster_and_job_agree_with_the_code_and_each_other() -> None:
     assert {e["name"] for e in head_container["env"]} >= ENV
     for group in cluster["spec"]["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        ray_start(["ray", "start", *(f"--{k}={v}" for k, v in group["rayStartParams"].items())])
         (container,) = group["template"]["spec"]["containers"]
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
@@ -290,14 +337,18 @@ def test_launcher_config_has_gpu_workers_within_bounds_and_agrees() -> None:
         assert w["resources"]["GPU"] >= 1
         assert 0 <= w["min_workers"] <= w["max_workers"] <= config["max_workers"]
     docker = config["docker"]
-    assert docker["image"] == IMAGE
     options = " ".join(docker["run_options"])
     assert f"-v {DATA}:{DATA}:ro" in options
     assert f"-v {RESULTS}:{RESULTS}" in options
-    assert "--gpus all" in options
+    assert "--gpus" not in options  # the head has no GPU: `docker run --gpus` would fail there
+    assert docker["worker_run_options"] == ["--gpus all"]
     assert set(re.findall(r"-e (\w+)=", options)) >= ENV
-    start = " ".join(config["head_start_ray_commands"])
-    assert f"--port={PORTS['gcs']}" in start
-    assert f"--dashboard-port={PORTS['dashboard']}" in start
-    assert "--dashboard-host=127.0.0.1" in start  # reached through `ray dashboard` (an SSH tunnel)
-    assert f"$RAY_HEAD_IP:{PORTS['gcs']}" in " ".join(config["worker_start_ray_commands"])
+    (head_start,) = [shlex.split(c) for c in config["head_start_ray_commands"] if "start" in c]
+    params = ray_start(head_start)
+    assert (params["port"], params["dashboard_port"]) == (PORTS["gcs"], PORTS["dashboard"])
+    assert params["dashboard_host"] == "127.0.0.1"  # reached through `ray dashboard` (an SSH tunnel)
+    (worker_start,) = [shlex.split(c) for c in config["worker_start_ray_commands"] if "start" in c]
+    assert ray_start(worker_start)["address"] == f"$RAY_HEAD_IP:{PORTS['gcs']}"
+    # Placeholders a user must fill, never a stale default (Ray's `latest_dlami` is Ubuntu 18.04).
+    assert docker["image"] == "<IMAGE>"
+    assert {t["node_config"]["ImageId"] for t in types.values()} == {"<AMI>"}
