@@ -86,6 +86,9 @@ class RunRecord(_Record):
     node_id: str | None = None  # the Ray node that ran it (None outside Ray)
     validation: ValidationInfo | None = None  # trials: metrics are validation metrics (val_*)
     selection: dict[str, Any] | None = None  # best-config runs: which trial won, on what
+    # Seed studies with a fixed backbone: the training features' key, and whether this run
+    # reused them from an earlier run of the study (it then trained on one batch only).
+    features: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RunRecord:

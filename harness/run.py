@@ -31,7 +31,7 @@ from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
 from harness.fingerprint import fingerprint, local_hardware_id
 from harness.hashing import sha256_file, stable_hash, state_sha256
-from harness.models import ModelArgs, get_model
+from harness.models import ModelArgs, SharedFeatures, get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing, ValidationInfo
 from harness.spec import RunSpec
 
@@ -232,10 +232,48 @@ def _build_validation_split(datamodule: Any, workdir: Path) -> None:
         datamodule.setup(TrainerFn.FITTING)  # a trainer-stage setup: fit() does not redo it
 
 
+def _record_train_order(datamodule: Any, features: SharedFeatures) -> None:
+    """Have the training loader write its order of images into ``features.order``.
+
+    The loader's ``RandomSampler`` is given a subclass that draws its permutation exactly as
+    before (one seed from torch's global RNG, when iteration starts) and keeps it.
+    """
+    from torch.utils.data import RandomSampler
+
+    class RecordingSampler(RandomSampler):
+        def __iter__(self) -> Iterator[int]:
+            order = list(super().__iter__())
+            features.order = order
+            yield from order
+
+    make_loader = datamodule.train_dataloader
+
+    def train_dataloader() -> Any:
+        loader = make_loader()
+        if isinstance(loader.sampler, RandomSampler):
+            loader.sampler.__class__ = RecordingSampler
+        else:  # not shuffled
+            features.order = list(range(len(loader.dataset)))
+        return loader
+
+    datamodule.train_dataloader = train_dataloader
+    features.order = None
+
+
 def fit_and_predict(
-    spec: RunSpec, args: ModelArgs, device: str, workdir: Path, on_val: ValidationHook | None = None
+    spec: RunSpec,
+    args: ModelArgs,
+    device: str,
+    workdir: Path,
+    on_val: ValidationHook | None = None,
+    features: SharedFeatures | None = None,
 ) -> Fitted:
-    """Train through anomalib's Engine; predict the test split, or for a trial validate each epoch."""
+    """Train through anomalib's Engine; predict the test split, or for a trial validate each epoch.
+
+    With ``features`` already extracted, training sees one batch: the data loaders are made
+    and drawn from as in a full epoch (the RNGs advance the same way), the model then takes
+    the shared features instead of its own.
+    """
     from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
 
@@ -246,8 +284,11 @@ def fit_and_predict(
         # Raw scores: min-max normalisation would make scores depend on the other images.
         post_processor=PostProcessor(enable_normalization=False),
         train_batch_size=spec.data.train_batch_size,
+        features=features,
     )
     datamodule = build_datamodule(spec.data, spec.category, spec.validation)
+    if features is not None:
+        _record_train_order(datamodule, features)
     base = Path(spec.data.root).expanduser() / spec.category
     trial = spec.validation is not None
     if trial:
@@ -259,6 +300,7 @@ def fit_and_predict(
         logger=False,
         barebones=True,  # no checkpoints, no files: the store is the only output
         limit_val_batches=1.0 if trial else 0,
+        limit_train_batches=1 if features is not None and features.embedding is not None else 1.0,
         num_sanity_val_steps=0,
         callbacks=[_validation_scores(on_val, base)] if trial and on_val else None,
         deterministic=spec.deterministic,
@@ -318,8 +360,10 @@ def planned_run_id(spec: RunSpec) -> str:
 class _Run:
     """One run in progress: what its record needs, gathered as it goes."""
 
-    def __init__(self, spec: RunSpec, data: DataCheck, args: ModelArgs, device: str) -> None:
-        self.spec, self.data, self.args = spec, data, args
+    def __init__(
+        self, spec: RunSpec, data: DataCheck, args: ModelArgs, device: str, features: dict[str, Any] | None
+    ) -> None:
+        self.spec, self.data, self.args, self.features = spec, data, args, features
         self.env = fingerprint(device, spec.resources.cpu)
         self.started = _now()
         self.t_start = time.perf_counter()
@@ -369,6 +413,7 @@ class _Run:
             role=spec.role,
             validation=self._validation(),
             selection=spec.selection,
+            features=self.features,
         )
 
     def last_validation(self) -> dict[str, float | None]:
@@ -378,11 +423,29 @@ class _Run:
 EpochHook = Callable[[RunRecord], None]
 
 
-def run_one(spec: RunSpec, on_epoch: EpochHook | None = None) -> RunRecord:
+FeatureCache = dict[str, SharedFeatures]
+
+
+def shared_features(
+    cache: FeatureCache | None, spec: RunSpec, args: ModelArgs, data: DataCheck, device: str
+) -> SharedFeatures | None:
+    """The cache's entry for this run's training features, when they do not depend on the seed.
+
+    The key is everything but seed and repeat: model, every setting with the content hashes of
+    data and weights, device and thread count (both can change float results).
+    """
+    if cache is None or not get_model(spec.model).shares_features(args):
+        return None
+    key = stable_hash([spec.model, _params(spec, args, data), device, spec.resources.cpu, spec.deterministic])
+    return cache.setdefault(key, SharedFeatures(key))
+
+
+def run_one(spec: RunSpec, on_epoch: EpochHook | None = None, cache: FeatureCache | None = None) -> RunRecord:
     """Run one point of a study and return its record (the caller stores it).
 
     For an HPO trial (``spec.validation``) the model is scored on the validation split after
     every epoch, and ``on_epoch`` gets the record as it stands (a scheduler may stop there).
+    Runs of a seed study that share a ``cache`` extract fixed-backbone features only once.
     """
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: before any import of it
     adapter = get_model(spec.model)
@@ -390,9 +453,11 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None) -> RunRecord:
     data = check_data(spec.data, spec.category)
     adapter.check(args)
     device = resolve_device(spec.device)
+    shared = shared_features(cache, spec, args, data, device)
+    info = None if shared is None else {"key": shared.key, "reused": shared.embedding is not None}
     with quiet():
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
-        run = _Run(spec, data, args, device)
+        run = _Run(spec, data, args, device, info)
 
         def on_val(pred: Predicted, n_train: int) -> None:
             val = {f"val_{k}": v for k, v in compute_metrics(pred).items()}
@@ -406,7 +471,7 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None) -> RunRecord:
         metrics: dict[str, float | None] = {}
         with run.mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
-                fitted = fit_and_predict(spec, args, device, Path(workdir), on_val)
+                fitted = fit_and_predict(spec, args, device, Path(workdir), on_val, shared)
                 metrics = compute_metrics(fitted.pred) if fitted.pred is not None else run.last_validation()
             except HarnessError:
                 raise

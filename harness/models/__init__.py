@@ -15,8 +15,25 @@ from pydantic import BaseModel, ConfigDict
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
+    import torch
     from anomalib.post_processing import PostProcessor
     from anomalib.pre_processing import PreProcessor
+
+
+class SharedFeatures:
+    """A training embedding that does not depend on the seed, extracted by the first run of a
+    seed study that needs it and reused by the others (``key``: what it depends on).
+
+    The embedding is kept in dataset order, one block of rows per image. A run's own order of
+    training images (its shuffle, drawn from its seed) is recorded in ``order`` as it starts
+    training, and the embedding is handed to it in that order: exactly what the run would have
+    extracted itself.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.embedding: torch.Tensor | None = None  # (images, rows per image, dims), on the host
+        self.order: list[int] | None = None  # the current run's order of training images
 
 
 class ModelArgs(BaseModel):
@@ -36,9 +53,20 @@ class ModelAdapter(Protocol):
         ...
 
     def build(
-        self, args: Any, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
+        self,
+        args: Any,
+        *,
+        pre_processor: PreProcessor,
+        post_processor: PostProcessor,
+        train_batch_size: int,
+        features: SharedFeatures | None = None,
     ) -> Any:
-        """The anomalib module, with the harness's shared pre- and post-processing."""
+        """The anomalib module, with the harness's shared pre- and post-processing (and, where
+        the model can use them, training features extracted once for several runs)."""
+        ...
+
+    def shares_features(self, args: Any) -> bool:
+        """Whether the training features are the same for every seed (a fixed backbone)."""
         ...
 
     def weights_file(self, args: Any) -> str | None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from harness.models import ModelArgs, register_model
+from harness.models import ModelArgs, SharedFeatures, register_model
 
 if TYPE_CHECKING:
     from anomalib.post_processing import PostProcessor
@@ -43,7 +43,13 @@ class Ganomaly:
         pass  # nothing outside the data to check: no pretrained parts
 
     def build(
-        self, args: GanomalyArgs, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
+        self,
+        args: GanomalyArgs,
+        *,
+        pre_processor: PreProcessor,
+        post_processor: PostProcessor,
+        train_batch_size: int,
+        features: SharedFeatures | None = None,
     ) -> Any:
         from anomalib.models import Ganomaly as AnomalibGanomaly
 
@@ -64,6 +70,9 @@ class Ganomaly:
             evaluator=False,
             visualizer=False,
         )
+
+    def shares_features(self, args: GanomalyArgs) -> bool:
+        return False  # it trains its encoder: every seed learns other features
 
     def weights_file(self, args: GanomalyArgs) -> str | None:
         return None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from harness.errors import HarnessError
-from harness.models import ModelArgs, register_model
+from harness.models import ModelArgs, SharedFeatures, register_model
 
 if TYPE_CHECKING:
     from anomalib.post_processing import PostProcessor
@@ -31,6 +31,13 @@ class PatchcoreArgs(ModelArgs):
     weights: str | None = None
     coreset_sampling_ratio: float = Field(default=0.1, gt=0, le=1)
     num_neighbors: int = Field(default=9, ge=1)
+    # The coreset sampler: the harness's (the same indices as anomalib's, several times
+    # faster; harness/coreset.py) or anomalib's own KCenterGreedy, for strict comparability.
+    coreset: Literal["harness", "anomalib"] = "harness"
+    # Limited GPUs: the training embedding is kept on the host and the coreset chosen there;
+    # the GPU holds the backbone, one batch and the memory bank (the coreset), never the
+    # whole embedding. The start index is then drawn from the CPU's RNG: other numbers.
+    memory_safe: bool = False
 
     @model_validator(mode="after")
     def _weights_are_pretrained(self) -> PatchcoreArgs:
@@ -125,6 +132,48 @@ def hub_offline(enabled: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+class _HostList(list[Any]):
+    """``embedding_store`` for ``memory_safe``: each batch's embedding goes to the host at once."""
+
+    def append(self, item: Any) -> None:
+        super().append(item.cpu())
+
+
+def install_sampler(torch_model: Any, args: PatchcoreArgs, features: SharedFeatures | None) -> None:
+    """Replace ``PatchcoreModel.subsample_embedding``: the coreset of ``args.coreset``, from the
+    shared embedding when an earlier run extracted it (this run then trained on one batch
+    only), else from this run's, which it leaves for the next runs."""
+    import torch
+
+    if args.memory_safe:
+        torch_model.embedding_store = _HostList()
+
+    def subsample_embedding(sampling_ratio: float, embeddings: torch.Tensor | None = None) -> None:
+        from harness.coreset import anomalib_draws, greedy_coreset
+
+        device = torch_model.memory_bank.device
+        if features is not None and features.embedding is not None:  # in this run's image order
+            assert features.order is not None
+            embedding = features.embedding[features.order].flatten(0, 1)
+            embedding = embedding if args.memory_safe else embedding.to(device)
+        else:
+            embedding = torch.vstack(torch_model.embedding_store)
+            if features is not None:  # kept in dataset order: one block of rows per image
+                assert features.order is not None
+                blocks = embedding.cpu().unflatten(0, (len(features.order), -1))
+                features.embedding = blocks[torch.argsort(torch.tensor(features.order))]
+        torch_model.embedding_store.clear()
+        if args.coreset == "anomalib":
+            from anomalib.models.components import KCenterGreedy
+
+            coreset = KCenterGreedy(embedding=embedding, sampling_ratio=sampling_ratio).sample_coreset()
+        else:
+            coreset = embedding[greedy_coreset(embedding, anomalib_draws(embedding, sampling_ratio))]
+        torch_model.memory_bank = coreset.to(device)
+
+    torch_model.subsample_embedding = subsample_embedding
+
+
 @register_model("patchcore")
 class Patchcore:
     Args = PatchcoreArgs
@@ -137,7 +186,13 @@ class Patchcore:
             ensure_pretrained_reachable(args.backbone)
 
     def build(
-        self, args: PatchcoreArgs, *, pre_processor: PreProcessor, post_processor: PostProcessor, train_batch_size: int
+        self,
+        args: PatchcoreArgs,
+        *,
+        pre_processor: PreProcessor,
+        post_processor: PostProcessor,
+        train_batch_size: int,
+        features: SharedFeatures | None = None,
     ) -> Any:
         from anomalib.models import Patchcore as AnomalibPatchcore
 
@@ -148,7 +203,7 @@ class Patchcore:
         elif args.pre_trained:
             cached = ensure_pretrained_reachable(args.backbone)
         with hub_offline(cached):
-            return AnomalibPatchcore(
+            model = AnomalibPatchcore(
                 backbone=backbone,  # type: ignore[arg-type]  # anomalib accepts an nn.Module
                 layers=args.layers,
                 pre_trained=args.pre_trained and not args.weights,  # a module arrives with its weights
@@ -159,6 +214,11 @@ class Patchcore:
                 evaluator=False,
                 visualizer=False,
             )
+        install_sampler(model.model, args, features)
+        return model
+
+    def shares_features(self, args: PatchcoreArgs) -> bool:
+        return args.pre_trained  # a random backbone is drawn from the seed
 
     def weights_file(self, args: PatchcoreArgs) -> str | None:
         if args.weights:
