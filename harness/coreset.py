@@ -44,7 +44,7 @@ def anomalib_draws(embedding: torch.Tensor, sampling_ratio: float) -> Draws:
     n = embedding.shape[0]
     size = int(n * sampling_ratio)
     if size <= 0:
-        raise ValueError(f"coreset of {sampling_ratio} x {n} embeddings is empty")
+        raise ValueError(f"coreset_size must be a positive integer, got {size} ({sampling_ratio} of {n} embeddings)")
     projection = SparseRandomProjection(eps=0.9).fit(embedding).sparse_random_matrix
     start = torch.randint(high=n, size=(1,), device=embedding.device).squeeze()
     return Draws(projection, int(start), size)

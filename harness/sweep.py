@@ -69,19 +69,27 @@ def _node_id() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
-def _execute(spec_json: str, done: frozenset[str], env: dict[str, str]) -> dict[str, Any]:
-    """A Ray task: one run, or nothing if its ``ok`` record is already stored."""
-    _worker_setup(env)
-    from harness.run import planned_run_id, run_one, unstarted_record
+def _execute(spec_jsons: list[str], done: frozenset[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A Ray task (a streaming generator): its runs in turn, each record yielded when done.
 
-    spec = RunSpec.model_validate_json(spec_json)
-    try:
-        if planned_run_id(spec) in done:
-            return {"skipped": True}
-        record = run_one(spec)
-    except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
-        record = unstarted_record(spec, _error(exc))
-    return {"record": record.model_copy(update={"node_id": _node_id()}).to_json()}
+    A task's runs are one run, or a seed study's runs of one category whose features do not
+    depend on the seed: the first extracts them, the others reuse them (``run_one``'s cache).
+    A run whose ``ok`` record is already stored is skipped.
+    """
+    _worker_setup(env)
+    from harness.run import FeatureCache, planned_run_id, run_one, unstarted_record
+
+    cache: FeatureCache = {}  # this task's features: one category's, freed when it ends
+    for index, spec_json in enumerate(spec_jsons):
+        spec = RunSpec.model_validate_json(spec_json)
+        try:
+            if planned_run_id(spec) in done:
+                yield {"index": index, "skipped": True}
+                continue
+            record = run_one(spec, cache=cache)
+        except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
+            record = unstarted_record(spec, _error(exc))
+        yield {"index": index, "record": record.model_copy(update={"node_id": _node_id()}).to_json()}
 
 
 def _error(exc: Exception) -> str:
@@ -267,8 +275,24 @@ def _stored_ok(store: ResultsStore, sweep: str, role: str) -> dict[str, dict[str
     return {i: r for i, r in records.items() if r.get("status") == "ok" and r.get("role", "run") == role}
 
 
+def task_groups(runs: list[RunSpec], spec: ExperimentSpec) -> list[list[RunSpec]]:
+    """Runs that go to one task: a category's runs when their features are the seed's to share
+    (a fixed backbone), else each run alone (spread over the cluster)."""
+    adapter = get_model(spec.model)
+    if not runs or not adapter.shares_features(adapter.Args.model_validate(runs[0].model_args)):
+        return [[r] for r in runs]
+    by_category: dict[str, list[RunSpec]] = {}
+    for r in runs:
+        by_category.setdefault(r.category, []).append(r)
+    return list(by_category.values())
+
+
 def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, progress: Progress) -> None:
-    """Run each spec as a Ray task; store each record as it comes back."""
+    """Run the specs as Ray tasks (see ``task_groups``); store each record as it comes back.
+
+    A task lost with its worker or node is sent again with the runs it had not returned, up
+    to ``MAX_RETRIES`` times; runs still missing then are reported lost (a rerun retries them).
+    """
     import ray
     from ray.exceptions import RayError
 
@@ -276,28 +300,41 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
         return
     done = ray.put(frozenset(_stored_ok(store, spec.name, runs[0].role)))
     task = ray.remote(_execute).options(
-        max_retries=MAX_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD", **_options(spec)
+        num_returns="streaming", max_retries=0, scheduling_strategy="SPREAD", **_options(spec)
     )
     env = _worker_env()
-    pending = list(reversed(runs))
-    in_flight: dict[Any, RunSpec] = {}
-    limit = spec.max_concurrent or len(runs)
+    pending = [(group, 0) for group in reversed(task_groups(runs, spec))]
+    in_flight: dict[Any, tuple[list[RunSpec], set[int], int]] = {}  # task -> runs, returned, attempt
+    limit = spec.max_concurrent or len(pending)
     while pending or in_flight:
         while pending and len(in_flight) < limit:
-            run = pending.pop()
-            in_flight[task.remote(run.model_dump_json(), done, env)] = run
+            group, attempt = pending.pop()
+            in_flight[task.remote([r.model_dump_json() for r in group], done, env)] = (group, set(), attempt)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            run = in_flight.pop(ref)
+        for gen in ready:
+            group, returned, attempt = in_flight[gen]
+            stream: Any = gen  # an ObjectRefGenerator (ray.wait's annotation says ObjectRef)
             try:
-                out = ray.get(ref)
-            except RayError as exc:  # retries exhausted: nothing stored, a rerun retries it
-                progress.lost.append(f"{describe(run)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-                progress.event(f"LOST {progress.lost[-1]}")
+                out: dict[str, Any] = ray.get(next(stream))
+            except StopIteration:
+                del in_flight[gen]
                 continue
+            except RayError as exc:  # the worker or node is gone: send the rest again, or give up
+                del in_flight[gen]
+                left = [r for i, r in enumerate(group) if i not in returned]
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                if attempt < MAX_RETRIES:
+                    pending.append((left, attempt + 1))
+                    progress.event(f"retrying {len(left)} runs ({why})")
+                else:
+                    for run in left:
+                        progress.lost.append(f"{describe(run)}: {why}")
+                        progress.event(f"LOST {progress.lost[-1]}")
+                continue
+            returned.add(out["index"])
             if out.get("skipped"):
                 progress.skipped += 1
-                progress.event(f"already stored {describe(run)}")
+                progress.event(f"already stored {describe(group[out['index']])}")
                 continue
             store.put(out["record"])
             progress.record(out["record"])

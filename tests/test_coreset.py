@@ -61,7 +61,7 @@ def test_draws_leave_the_rngs_where_anomalib_leaves_them() -> None:
 
 
 def test_an_empty_coreset_is_refused() -> None:
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="coreset_size must be a positive integer, got 0"):
         anomalib_draws(torch.zeros(5, 4), 0.1)
 
 
@@ -124,3 +124,33 @@ def test_a_random_backbone_shares_nothing(synth_root: Path) -> None:
     assert not adapter.shares_features(adapter.Args(pre_trained=False))
     assert adapter.shares_features(adapter.Args(pre_trained=True))
     assert not get_model("ganomaly").shares_features(get_model("ganomaly").Args())
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_extracts_features_once_per_category(
+    tmp_path: Path, synth_root: Path, weights_file: Path, ray_tmp: Path
+) -> None:
+    from tests.test_sweep import SMOKE, records, sweep_cli, write_spec
+
+    args = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pre_trained": True, "weights": str(weights_file)}
+    spec = write_spec(tmp_path / "s.yaml", SMOKE, data__root=str(synth_root), model_args=args, seeds=[0, 1])
+    out = sweep_cli(spec, tmp_path / "results")
+    assert out.returncode == 0, out.stderr
+    recs = records(tmp_path / "results")
+    assert len(recs) == 8  # 2 categories x 2 seeds x 2 repeats
+    for category in ("weave", "disc"):
+        mine = [r for r in recs if r["category"] == category]
+        assert sorted(r["features"]["reused"] for r in mine) == [False, True, True, True]
+        assert len({r["features"]["key"] for r in mine}) == 1
+        by_seed = {(r["seed"], r["repeat"]): r["predictions"]["scores_sha256"] for r in mine}
+        assert by_seed[(0, 0)] == by_seed[(0, 1)]
+        assert by_seed[(1, 0)] == by_seed[(1, 1)]
+        assert by_seed[(0, 0)] != by_seed[(1, 0)]
+    # A reused-features run is the run `harness run` would have made alone.
+    reused = next(r for r in recs if r["category"] == "disc" and r["features"]["reused"] and r["seed"] == 1)
+    alone = run_one(
+        make_run_spec("patchcore", synth_root, seed=1, repeat=reused["repeat"], model_args={**args, "coreset": "harness"})
+    )
+    assert alone.predictions is not None
+    assert alone.predictions.scores_sha256 == reused["predictions"]["scores_sha256"]
+    assert alone.predictions.model_sha256 == reused["predictions"]["model_sha256"]
