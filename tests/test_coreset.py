@@ -148,9 +148,7 @@ def test_a_seed_sweep_extracts_features_once_per_category(
         assert by_seed[(0, 0)] != by_seed[(1, 0)]
     # A reused-features run is the run `harness run` would have made alone.
     reused = next(r for r in recs if r["category"] == "disc" and r["features"]["reused"] and r["seed"] == 1)
-    alone = run_one(
-        make_run_spec("patchcore", synth_root, seed=1, repeat=reused["repeat"], model_args={**args, "coreset": "harness"})
-    )
+    alone = run_one(make_run_spec("patchcore", synth_root, seed=1, repeat=reused["repeat"], model_args=args))
     assert alone.predictions is not None
     assert alone.predictions.scores_sha256 == reused["predictions"]["scores_sha256"]
     assert alone.predictions.model_sha256 == reused["predictions"]["model_sha256"]
