@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A small PatchCore seed study on CUDA and the same on the CPU, then the check and the report:
 # is the GPU deterministic (same seed, same GPU: bitwise?), and how far do GPU and CPU agree?
-# About 5 minutes on one GPU plus 2 CPU cores. Needs the harness installed (this repository's
+# It also checks the harness's coreset sampler against anomalib's on CUDA. About 6 minutes
+# on one GPU plus 2 CPU cores. Needs the harness installed (this repository's
 # environment, or the infra/ image) and a visible CUDA device; no network, no Ray.
 #   bash benchmarks/gpu_seed_study.sh [OUT]        # OUT: where data and results go (default gpu-study)
 # It writes reports/gpu-seed-study.md and its plots; commit them with the records' summary.
@@ -29,6 +30,21 @@ for device in cuda cpu; do
     done
   done
 done
+# The harness's sampler against anomalib's on CUDA (on the CPU they agree index for index).
+python - <<'EOF'
+import numpy as np, torch
+from anomalib.models.components import KCenterGreedy
+from harness.coreset import anomalib_draws, greedy_coreset
+for seed in range(3):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(12, 384, generator=g) * 4
+    e = (centers[torch.randint(12, (25600,), generator=g)] + torch.randn(25600, 384, generator=g)).cuda()
+    torch.manual_seed(seed); np.random.seed(seed)
+    theirs = KCenterGreedy(embedding=e, sampling_ratio=0.1).select_coreset_idxs()
+    torch.manual_seed(seed); np.random.seed(seed)
+    ours = greedy_coreset(e, anomalib_draws(e, 0.1))
+    print(f"cuda sampler seed {seed}: {np.mean(np.array(ours) == np.array(theirs)):.4f} of the indices agree")
+EOF
 harness check "$results" --json > "$out/check.json"
 harness check "$results"
 harness report "$results" --out reports/gpu-seed-study.md

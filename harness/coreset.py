@@ -53,8 +53,9 @@ def anomalib_draws(embedding: torch.Tensor, sampling_ratio: float) -> Draws:
 def greedy_coreset(embedding: torch.Tensor, draws: Draws) -> list[int]:
     """The indices anomalib's ``KCenterGreedy.select_coreset_idxs`` returns for these draws.
 
-    Memory is allocated once, before the loop (the projected features, one buffer of their
-    size, and per-point and per-center vectors): flat, whatever glibc's malloc settings.
+    The large buffers are allocated once, before the loop (the projected features, one buffer
+    of their size, per-point and per-center vectors); a step's temporaries are the size of
+    its candidates. Memory stays flat, whatever glibc's malloc settings.
     """
     import torch
 
@@ -65,6 +66,7 @@ def greedy_coreset(embedding: torch.Tensor, draws: Draws) -> list[int]:
     dist = torch.empty(n, dtype=dtype, device=dev)
     center_dist = torch.empty(draws.size, dtype=dtype, device=dev)  # new center to each center
     bound = torch.empty(n, dtype=dtype, device=dev)
+    reach = torch.empty(n, dtype=dtype, device=dev)  # 2 min_d(x), with the margin
     near = torch.empty(n, dtype=torch.bool, device=dev)
     centers = torch.empty((draws.size, k), dtype=dtype, device=dev)
     owner = torch.zeros(n, dtype=torch.long, device=dev)  # each point's nearest center so far
@@ -88,7 +90,8 @@ def greedy_coreset(embedding: torch.Tensor, draws: Draws) -> list[int]:
         torch.linalg.vector_norm(work[:t], ord=2, dim=1, out=center_dist[:t])
         center_dist[t] = 0.0
         torch.index_select(center_dist, 0, owner, out=bound)
-        torch.lt(bound, min_d.mul(2 * (1 + _MARGIN)).add_(1e-6), out=near)
+        torch.mul(min_d, 2 * (1 + _MARGIN), out=reach).add_(1e-6)
+        torch.lt(bound, reach, out=near)
         candidates = torch.nonzero(near).squeeze(1)
         m = len(candidates)
         torch.index_select(features, 0, candidates, out=work[:m])

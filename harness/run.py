@@ -238,7 +238,7 @@ def _record_train_order(datamodule: Any, features: SharedFeatures) -> None:
     The loader's ``RandomSampler`` is given a subclass that draws its permutation exactly as
     before (one seed from torch's global RNG, when iteration starts) and keeps it.
     """
-    from torch.utils.data import RandomSampler
+    from torch.utils.data import RandomSampler, SequentialSampler
 
     class RecordingSampler(RandomSampler):
         def __iter__(self) -> Iterator[int]:
@@ -250,10 +250,13 @@ def _record_train_order(datamodule: Any, features: SharedFeatures) -> None:
 
     def train_dataloader() -> Any:
         loader = make_loader()
-        if isinstance(loader.sampler, RandomSampler):
-            loader.sampler.__class__ = RecordingSampler
-        else:  # not shuffled
-            features.order = list(range(len(loader.dataset)))
+        sampler, n = loader.sampler, len(loader.dataset)
+        if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n:
+            sampler.__class__ = RecordingSampler  # a permutation of every image, as anomalib shuffles
+        elif type(sampler) is SequentialSampler:
+            features.order = list(range(n))
+        else:
+            raise HarnessError(f"training features cannot be shared with a {type(sampler).__name__} loader")
         return loader
 
     datamodule.train_dataloader = train_dataloader
@@ -431,12 +434,15 @@ def shared_features(
 ) -> SharedFeatures | None:
     """The cache's entry for this run's training features, when they do not depend on the seed.
 
-    The key is everything but seed and repeat: model, every setting with the content hashes of
-    data and weights, device and thread count (both can change float results).
+    The key is everything but the seed: model, every setting with the content hashes of data
+    and weights, device and thread count (both can change float results), and the repeat:
+    each repeat extracts its own, so repeats still test that extraction is deterministic.
     """
     if cache is None or not get_model(spec.model).shares_features(args):
         return None
-    key = stable_hash([spec.model, _params(spec, args, data), device, spec.resources.cpu, spec.deterministic])
+    key = stable_hash(
+        [spec.model, _params(spec, args, data), device, spec.resources.cpu, spec.deterministic, spec.repeat]
+    )
     return cache.setdefault(key, SharedFeatures(key))
 
 

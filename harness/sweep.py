@@ -275,26 +275,52 @@ def _stored_ok(store: ResultsStore, sweep: str, role: str) -> dict[str, dict[str
     return {i: r for i, r in records.items() if r.get("status") == "ok" and r.get("role", "run") == role}
 
 
-def task_groups(runs: list[RunSpec], spec: ExperimentSpec) -> list[list[RunSpec]]:
-    """Runs that go to one task: a category's runs when their features are the seed's to share
-    (a fixed backbone), else each run alone (spread over the cluster)."""
+def task_groups(runs: list[RunSpec], spec: ExperimentSpec, slots: int) -> list[list[RunSpec]]:
+    """Runs that go to one task: the seeds of a category and repeat when their features are the
+    seed's to share (a fixed backbone), each run alone otherwise (spread over the cluster).
+
+    Shared groups are split into chunks while there are fewer of them than ``slots`` (runs the
+    cluster can hold at once), so a one-category study still fills the cluster; each chunk
+    extracts the features once.
+    """
     adapter = get_model(spec.model)
     if not runs or not adapter.shares_features(adapter.Args.model_validate(runs[0].model_args)):
         return [[r] for r in runs]
-    by_category: dict[str, list[RunSpec]] = {}
+    by_key: dict[tuple[str, int], list[RunSpec]] = {}
     for r in runs:
-        by_category.setdefault(r.category, []).append(r)
-    return list(by_category.values())
+        by_key.setdefault((r.category, r.repeat), []).append(r)
+    groups = list(by_key.values())
+    chunks = max(1, -(-slots // len(groups)))  # per group, to reach `slots` tasks
+    out: list[list[RunSpec]] = []
+    for group in groups:
+        k = min(chunks, len(group))
+        out += [group[i::k] for i in range(k)]
+    return out
+
+
+def _slots(spec: ExperimentSpec) -> int:
+    """How many of the spec's runs the cluster can hold at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [
+        int(total.get(name, 0) // want)
+        for name, want in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu))
+        if want
+    ]
+    slots = max(1, min(fits)) if fits else 1
+    return min(slots, spec.max_concurrent) if spec.max_concurrent else slots
 
 
 def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, progress: Progress) -> None:
     """Run the specs as Ray tasks (see ``task_groups``); store each record as it comes back.
 
-    A task lost with its worker or node is sent again with the runs it had not returned, up
-    to ``MAX_RETRIES`` times; runs still missing then are reported lost (a rerun retries them).
+    When a task is lost with its worker or node, the run it was on is sent again alone (up to
+    ``MAX_RETRIES`` times; then it is reported lost, and a rerun retries it) and the runs after
+    it go on as a task of their own.
     """
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import RayError, RayTaskError
 
     if not runs:
         return
@@ -303,9 +329,15 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
         num_returns="streaming", max_retries=0, scheduling_strategy="SPREAD", **_options(spec)
     )
     env = _worker_env()
-    pending = [(group, 0) for group in reversed(task_groups(runs, spec))]
+    pending = [(group, 0) for group in reversed(task_groups(runs, spec, _slots(spec)))]
     in_flight: dict[Any, tuple[list[RunSpec], set[int], int]] = {}  # task -> runs, returned, attempt
     limit = spec.max_concurrent or len(pending)
+
+    def lose(lost: list[RunSpec], why: str) -> None:
+        for run in lost:
+            progress.lost.append(f"{describe(run)}: {why}")
+            progress.event(f"LOST {progress.lost[-1]}")
+
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             group, attempt = pending.pop()
@@ -313,23 +345,27 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for gen in ready:
             group, returned, attempt = in_flight[gen]
+            left = [r for i, r in enumerate(group) if i not in returned]
             stream: Any = gen  # an ObjectRefGenerator (ray.wait's annotation says ObjectRef)
             try:
                 out: dict[str, Any] = ray.get(next(stream))
             except StopIteration:
                 del in_flight[gen]
+                lose(left, "its task ended without it")  # never expected: every run yields
                 continue
-            except RayError as exc:  # the worker or node is gone: send the rest again, or give up
+            except RayError as exc:
                 del in_flight[gen]
-                left = [r for i, r in enumerate(group) if i not in returned]
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                if attempt < MAX_RETRIES:
-                    pending.append((left, attempt + 1))
-                    progress.event(f"retrying {len(left)} runs ({why})")
+                if isinstance(exc, RayTaskError):  # the task's own code failed: again would too
+                    lose(left, why)
+                    continue
+                if attempt < MAX_RETRIES:  # the worker or node is gone: its run again, alone
+                    pending.append(([left[0]], attempt + 1))
+                    progress.event(f"retrying {describe(left[0])} ({why})")
                 else:
-                    for run in left:
-                        progress.lost.append(f"{describe(run)}: {why}")
-                        progress.event(f"LOST {progress.lost[-1]}")
+                    lose(left[:1], why)
+                if left[1:]:
+                    pending.append((left[1:], 0))
                 continue
             returned.add(out["index"])
             if out.get("skipped"):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 FULL = os.environ.get("HARNESS_BENCH") == "full"
+pytestmark = pytest.mark.slow
 SEEDS = list(range(10 if FULL else 3))
 N_TRAIN = 100 if FULL else 24
 SIZE = 128 if FULL else 64
@@ -207,6 +208,7 @@ def _sampler_in_subprocess(kind: str, features: Path, malloc: bool) -> dict[str,
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.timeout(0 if FULL else 900)  # anomalib's sampler at 256 px: about half an hour
 @pytest.mark.parametrize("size", CORESET_SIZES)
 def test_coreset_against_anomalib(benchmark: Any, tmp_path: Path, size: int) -> None:
     """Both samplers on the same real PatchCore features (random ResNet-18 on synthetic images).
