@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/harness demo --out demo
+	$(VENV)/bin/harness demo
 
 test: $(STAMP)
 	$(PY) -m pytest

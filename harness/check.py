@@ -749,6 +749,11 @@ class CheckReport:
             "searches": [s.to_json() for s in self.searches],
         }
 
+    def json_text(self) -> str:
+        """What ``harness check --json`` prints: sorted keys, indented (msgspec writes 7 MB of
+        it in a tenth of json.dumps' time)."""
+        return msgspec.json.format(msgspec.json.encode(self.to_json(), order="sorted"), indent=2).decode() + "\n"
+
 
 def _label(run: Run, config_id: str, several: bool) -> str:
     label = f"{run.sweep}/{run.model}" + (" [best]" if run.role == "best" else "")

@@ -204,13 +204,32 @@ def describe(record: dict[str, Any] | RunSpec) -> str:
     return name
 
 
+def _ray_defaults(address: str | None) -> None:
+    """No usage stats; and the embedded default is this machine only: on loopback, reachable
+    from no other host.
+
+    Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch for
+    single-machine Ray (named for Windows and macOS), read when Ray is first imported.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[None]:
-    """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one."""
+    """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one.
+
+    Inside an open ``cluster`` (the demo runs its two studies on one), it is that one.
+    """
+    _ray_defaults(address)
     if address is not None:
         _check_reachable(address)
     import ray
 
+    if ray.is_initialized():
+        yield
+        return
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address is None:
@@ -555,6 +574,15 @@ class SweepResult:
     def clean(self) -> bool:
         return not (self.failed or self.lost)
 
+    def summary(self, name: str) -> list[str]:
+        """The lines ``harness sweep`` ends with: counts, then each run that failed or was lost."""
+        return [
+            f"sweep {name}: {self.ok} ok, {len(self.failed)} failed, {len(self.lost)} lost, "
+            f"{self.skipped} already stored",
+            *(f"  failed: {line}" for line in self.failed),
+            *(f"  lost (not stored; rerun the sweep to retry): {line}" for line in self.lost),
+        ]
+
     def add(self, progress: Progress) -> None:
         self.ok += progress.ok
         self.failed += progress.failed
@@ -577,12 +605,7 @@ def preflight(spec: ExperimentSpec, address: str | None) -> None:
 
 def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
     """Run a whole study; records land in ``results/<name>/runs/``."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        # The embedded default is this machine only: on loopback, reachable from no other host.
-        # Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch
-        # for single-machine Ray (named for Windows and macOS), read when Ray is first imported.
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+    _ray_defaults(address)  # before preflight, which may import Ray Tune
     store = ResultsStore(results)
     store.check_writable()
     preflight(spec, address)

@@ -197,16 +197,6 @@ def test_failed_run_exits_1_and_is_stored(synth_root: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    out = harness("demo", "--out", tmp_path / "demo")
-    assert out.returncode == 0, out.stderr
-    records = [json.loads(p.read_text()) for p in (tmp_path / "demo" / "results").glob("demo/runs/*.json")]
-    assert sorted(r["model"] for r in records) == ["ganomaly", "patchcore"]
-    assert all(r["status"] == "ok" for r in records)
-    assert out.stdout.count(" -> ") == 2
-
-
-@pytest.mark.slow
 def test_pretrained_weights_come_from_the_local_hub_cache(synth_root: Path, tmp_path: Path) -> None:
     """An air-gapped node with a pre-filled Hugging Face cache runs `pre_trained: true` offline."""
     import timm

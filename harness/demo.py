@@ -1,0 +1,124 @@
+"""``harness demo``: the whole pipeline on the embedded default, on any machine.
+
+Synthetic data, a local Ray cluster, a PatchCore seed study, a GANomaly search with its best
+configuration's seed runs, the reproducibility check, the report and W&B offline runs: no data
+set, GPU, account or network needed. It is the newcomer's first command and what CI runs, so
+it goes through the same functions as ``harness data synth``, ``sweep``, ``check`` and
+``report``, and its two studies are ordinary specs (``harness/demo_specs/``) a user can rerun.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from harness.check import check, to_text
+from harness.fsutil import atomic_write_bytes
+from harness.report import report_command, write_report
+from harness.spec import ExperimentSpec, load_spec
+from harness.sweep import cluster, sweep
+from harness.synth import synth
+
+SPECS = ("patchcore.yaml", "ganomaly.yaml")
+CATEGORIES = ("weave", "disc", "grid")
+REPORT = Path("reports/demo.md")
+STAGES = 5
+
+
+def spec_paths() -> list[Path]:
+    """The demo's two studies, shipped inside the package (the image has no ``experiments/``
+    checkout of its own for them)."""
+    base = resources.files("harness") / "demo_specs"
+    return [Path(str(base / name)) for name in SPECS]
+
+
+def _shown(path: Path) -> str:
+    """A path as a user would type it here: relative to the working directory when under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _clock(started: float) -> Callable[[], str]:
+    def elapsed() -> str:
+        secs = int(time.monotonic() - started)
+        return f"{secs // 60}m{secs % 60:02d}s"
+
+    return elapsed
+
+
+def demo(out: Path, report: Path = REPORT) -> int:
+    """Run every stage; 0 when every run is ``ok``, 1 when any failed or was lost.
+
+    Each stage prints the command that does the same by hand, so the demo doubles as a tour.
+    """
+    elapsed = _clock(time.monotonic())
+
+    def stage(n: int, what: str, command: str) -> None:
+        print(f"\n== {n}/{STAGES} {what} [{elapsed()}]\n   by hand: {command}", flush=True)
+
+    data, results = out / "data", out / "results"
+    stage(1, "synthetic data in MVTec AD layout", f"harness data synth {data} --categories {','.join(CATEGORIES)}")
+    s = synth(data, CATEGORIES, n_train=32, n_test=24, size=64, seed=0)
+    n_test = s.n_test_good + s.n_test_defect
+    print(f"wrote {', '.join(s.categories)} to {data}: {s.n_train} train and {n_test} test images each, 64 px")
+    paths = spec_paths()
+    specs = [load_spec(p, [f"data.root={data}"]) for p in paths]
+    clean = True
+    print("\nstarting a local Ray cluster (this machine only, on loopback; stopped at the end)", flush=True)
+    with cluster(None):  # one for both studies
+        for n, (path, spec) in enumerate(zip(paths, specs, strict=True), start=2):
+            stage(n, _what(spec), f"harness sweep {_shown(path)} --set data.root={data} --results {results}")
+            tally = sweep(spec, results)
+            print("\n".join(tally.summary(spec.name)), flush=True)
+            clean &= tally.clean
+
+    stage(4, "reproducibility check", f"harness check {results} --json > {out / 'check.json'}")
+    rep = check(results)
+    atomic_write_bytes(out / "check.json", rep.json_text().encode())
+    verdicts = ", ".join(f"{n} {v}" for v, n in rep.to_json()["determinism"].items() if n)
+    print(f"wrote {out / 'check.json'}: {len(rep.groups)} groups; determinism: {verdicts}")
+
+    command = report_command(results, out=report)
+    stage(5, "stability report with plots", command)
+    path, plots = write_report(rep, report, command)
+    print(f"wrote {path} and {len(plots)} plots in {path.parent / path.stem}")
+
+    print(f"\n== done in {elapsed()}: report {path}\n")
+    print(to_text(rep), end="")
+    _next_steps(out, results, specs)
+    return 0 if clean else 1
+
+
+def _what(spec: ExperimentSpec) -> str:
+    cats, seeds = len(spec.data.categories), len(spec.seeds)
+    if spec.study == "seeds":
+        return f"{spec.model} seed study: {cats} categories x {seeds} seeds x {spec.repeats} repeats"
+    return (
+        f"{spec.model} search: per category {spec.num_samples} trials on a validation split, "
+        f"then the best configuration x {seeds} seeds x {spec.repeats} repeats"
+    )
+
+
+def _next_steps(out: Path, results: Path, specs: list[ExperimentSpec]) -> None:
+    offline = [results / s.name / "wandb" for s in specs if any((results / s.name / "wandb").glob("offline-run-*"))]
+    lines = ["", f"records: {results}/<sweep>/runs/*.json; check: {out / 'check.json'}"]
+    if offline:
+        lines.append(f"W&B offline runs: {', '.join(map(str, offline))}; upload with: wandb sync <dir>/offline-run-*")
+    lines += [
+        "",
+        "Next:",
+        "  on MVTec AD (unpacked under datasets/MVTecAD; nothing is downloaded):",
+        "    harness sweep experiments/patchcore_seeds.yaml --set data.root=datasets/MVTecAD",
+        "    harness sweep experiments/ganomaly_hpo.yaml --set data.root=datasets/MVTecAD",
+        "    (no GPU: add --set resources.gpu=0 --set resources.cpu=2; air-gapped: "
+        "--set model_args.weights=/path/resnet18.pth)",
+        "  on a Ray cluster (README, 'Run on a cluster'):",
+        "    ray job submit --address http://HEAD:8265 -- harness sweep /app/experiments/patchcore_seeds.yaml "
+        "--address auto --set data.root=/data --results /results",
+        f"  this demo again: it resumes (stored runs are not rerun); rm -r {out} to start over",
+    ]
+    print("\n".join(lines))

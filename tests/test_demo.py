@@ -1,0 +1,153 @@
+"""`harness demo` exactly as the README says to run it: every stage, every run accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.demo import CATEGORIES, spec_paths
+from harness.spec import load_spec
+from tests.wandbkit import offline_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_args() -> list[str]:
+    """The README's demo command: `make demo`, whose recipe is `$(VENV)/bin/harness ARGS`."""
+    readme = (REPO / "README.md").read_text()
+    two_commands = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^make demo\b", two_commands, re.M), "the README's first command is no longer `make demo`"
+    recipe = re.search(r"^demo:.*\n\t\$\(VENV\)/bin/harness (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert recipe, "the Makefile's demo recipe is no longer `$(VENV)/bin/harness ...`"
+    return shlex.split(recipe.group(1))
+
+
+def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
+    """The studies load as `harness sweep` loads them, and a built wheel carries them (the image
+    installs the package without `experiments/`)."""
+    patchcore, ganomaly = (load_spec(p) for p in spec_paths())
+    assert (patchcore.study, patchcore.model, patchcore.seeds) == ("seeds", "patchcore", [0, 1, 2])
+    assert patchcore.repeats == 2
+    assert (ganomaly.study, ganomaly.model, ganomaly.seeds, ganomaly.repeats) == ("hpo", "ganomaly", [0, 1, 2], 2)
+    for spec in (patchcore, ganomaly):
+        assert tuple(spec.data.categories) == CATEGORIES
+        assert spec.tracking.wandb is not None
+        assert spec.tracking.wandb.mode == "offline"
+        assert spec.resources.gpu == 0  # runs anywhere
+    assert patchcore.model_args["pre_trained"] is False  # no weights to fetch
+    assert ganomaly.validation.split == "synthetic"  # selection never sees the test split
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, REPO],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(n for n in names if n.startswith("harness/demo_specs/")) == [
+        "harness/demo_specs/ganomaly.yaml",
+        "harness/demo_specs/patchcore.yaml",
+    ]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) -> None:
+    """From an empty directory, as a newcomer: data, both studies on Ray, check, report, W&B."""
+    args = demo_args()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the specs' own mode, as on a fresh machine
+    harness_bin = Path(sys.executable).with_name("harness")
+    proc = subprocess.run(
+        [str(harness_bin), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / (args[args.index("--out") + 1] if "--out" in args else "demo")
+    results = out / "results"
+
+    records = {p.stem: json.loads(p.read_text()) for p in results.glob("*/runs/*.json")}
+    assert all(r["status"] == "ok" for r in records.values())
+    kinds = Counter((r["sweep"], r["role"], r["category"]) for r in records.values())
+    for category in CATEGORIES:  # 3 seeds x 2 repeats; 4 trials, then the best config 3 x 2
+        assert kinds[("demo-patchcore", "run", category)] == 6
+        assert kinds[("demo-ganomaly", "trial", category)] == 4
+        assert kinds[("demo-ganomaly", "best", category)] == 6
+    assert len(records) == 48
+    trials = {i for i, r in records.items() if r["role"] == "trial"}
+    for r in records.values():
+        if r["role"] == "trial":  # scored on the validation split only
+            assert r["predictions"] is None
+            assert r["validation"]["split"] == "synthetic"
+        if r["role"] == "best":
+            assert r["selection"]["trial_run_id"] in trials
+
+    # the check's JSON: every record, every group, the same bytes as `harness check --json`
+    check_json = (out / "check.json").read_text()
+    by_hand = subprocess.run(
+        [str(harness_bin), "check", str(results.relative_to(tmp_path)), "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert check_json == by_hand.stdout
+    doc = json.loads(check_json)
+    assert doc["records"] == {"files": 48, "ok": 36, "failed": 0, "trials": 12, "malformed": 0}
+    groups = {(g["sweep"], g["category"]): g for g in doc["groups"]}
+    assert set(groups) == {(s, c) for s in ("demo-patchcore", "demo-ganomaly") for c in CATEGORIES}
+    for g in groups.values():
+        assert (g["n_runs"], g["seeds"], g["repeats"]) == (6, [0, 1, 2], 2)
+        assert g["determinism"]["verdict"] == "bitwise"  # same seed, same machine
+    assert sorted(c["category"] for c in doc["comparisons"]) == sorted(CATEGORIES)
+    assert len(doc["searches"]) == 3
+
+    # the report, and the committed one is that report (same sections and rows; numbers may move)
+    report = (tmp_path / "reports" / "demo.md").read_text()
+    assert "from 48 records" in report
+    plots = re.findall(r"!\[[^]]*\]\((demo/[^)]+\.png)\)", report)
+    assert plots
+    assert all((tmp_path / "reports" / p).stat().st_size > 1000 for p in plots)
+    committed = (REPO / "reports" / "demo.md").read_text()
+    assert _skeleton(committed) == _skeleton(report)
+    assert all((REPO / "reports" / p).is_file() for p in plots)
+
+    # W&B: one offline run per stored record, plus each sweep's summary run
+    for sweep in ("demo-patchcore", "demo-ganomaly"):
+        runs = offline_runs(results / sweep / "wandb")
+        mine = {i: r for i, r in records.items() if r["sweep"] == sweep}
+        summary = [i for i, rs in runs.items() if rs[0].job_type == "summary"]
+        assert len(summary) == 1
+        assert set(runs) - set(summary) == set(mine)
+        for run_id, record in mine.items():
+            (run,) = runs[run_id]
+            assert run.group == sweep
+            assert run.project == "ad-harness-demo"
+            for metric, value in record["metrics"].items():
+                if value is not None:
+                    assert run.summary[metric] == pytest.approx(value)
+
+    # what it says along the way and at the end
+    stdout = proc.stdout
+    stages = [int(n) for n in re.findall(r"^== (\d)/5 ", stdout, re.M)]
+    assert stages == [1, 2, 3, 4, 5]
+    assert stdout.count("by hand: harness ") == 5
+    assert re.search(r"^\[18/18 done, 0 failed", stdout, re.M)  # live progress, run by run
+    assert re.search(r"^== done in \d+m\d\ds: report reports/demo\.md$", stdout, re.M)
+    for g in groups.values():  # the headline table
+        assert re.search(rf"^{g['category']} +{re.escape(g['label'])} +3 ", stdout, re.M)
+    assert "experiments/patchcore_seeds.yaml --set data.root=datasets/MVTecAD" in stdout
+    assert "ray job submit" in stdout
+
+
+def _skeleton(report: str) -> list[str]:
+    """Headings, and the stability table's label, category and seed count per row."""
+    lines = [ln for ln in report.splitlines() if ln.startswith(("# Stability", "## "))]
+    table = report.split("## Stability over seeds", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split(" | ")[:3] for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln]
+    return lines + [" | ".join(r) for r in rows]
