@@ -333,7 +333,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     from harness.demo import demo
 
-    return demo(ns.out)
+    return 0 if demo(ns.out) else EXIT_FAILED_RUN
 
 
 COMMANDS = {

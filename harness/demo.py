@@ -15,16 +15,16 @@ from importlib import resources
 from pathlib import Path
 
 from harness.check import check, to_text
-from harness.fsutil import atomic_write_bytes
+from harness.fsutil import atomic_write_bytes, check_writable
 from harness.report import report_command, write_report
 from harness.spec import ExperimentSpec, load_spec
 from harness.sweep import cluster, sweep
 from harness.synth import synth
+from harness.tracking import wandb_mode
 
 SPECS = ("patchcore.yaml", "ganomaly.yaml")
-CATEGORIES = ("weave", "disc", "grid")
 REPORT = Path("reports/demo.md")
-STAGES = 5
+STAGES = len(SPECS) + 3  # data, the studies, check, report
 
 
 def spec_paths() -> list[Path]:
@@ -50,23 +50,30 @@ def _clock(started: float) -> Callable[[], str]:
     return elapsed
 
 
-def demo(out: Path, report: Path = REPORT) -> int:
-    """Run every stage; 0 when every run is ``ok``, 1 when any failed or was lost.
+def demo(out: Path, report: Path = REPORT) -> bool:
+    """Run every stage; True when every run is ``ok``.
 
     Each stage prints the command that does the same by hand, so the demo doubles as a tour.
+    Bad input (an unwritable place, a W&B setting that cannot work) stops it before any stage.
     """
     elapsed = _clock(time.monotonic())
+    data, results = out / "data", out / "results"
+    paths = spec_paths()
+    specs = [load_spec(p, [f"data.root={data}"]) for p in paths]
+    categories = tuple(specs[0].data.categories)  # both studies run on the same data
+    for spec in specs:
+        if spec.tracking.wandb is not None:
+            wandb_mode(spec.tracking.wandb)  # WANDB_MODE=online without a key fails here
+    check_writable(out, "demo directory")
+    check_writable(report.parent, "report directory")
 
     def stage(n: int, what: str, command: str) -> None:
         print(f"\n== {n}/{STAGES} {what} [{elapsed()}]\n   by hand: {command}", flush=True)
 
-    data, results = out / "data", out / "results"
-    stage(1, "synthetic data in MVTec AD layout", f"harness data synth {data} --categories {','.join(CATEGORIES)}")
-    s = synth(data, CATEGORIES, n_train=32, n_test=24, size=64, seed=0)
+    stage(1, "synthetic data in MVTec AD layout", f"harness data synth {data} --categories {','.join(categories)}")
+    s = synth(data, categories)  # `harness data synth`'s defaults
     n_test = s.n_test_good + s.n_test_defect
-    print(f"wrote {', '.join(s.categories)} to {data}: {s.n_train} train and {n_test} test images each, 64 px")
-    paths = spec_paths()
-    specs = [load_spec(p, [f"data.root={data}"]) for p in paths]
+    print(f"wrote {', '.join(s.categories)} to {data}: {s.n_train} train and {n_test} test images each, {s.size} px")
     clean = True
     print("\nstarting a local Ray cluster (this machine only, on loopback; stopped at the end)", flush=True)
     with cluster(None):  # one for both studies
@@ -76,21 +83,21 @@ def demo(out: Path, report: Path = REPORT) -> int:
             print("\n".join(tally.summary(spec.name)), flush=True)
             clean &= tally.clean
 
-    stage(4, "reproducibility check", f"harness check {results} --json > {out / 'check.json'}")
+    stage(STAGES - 1, "reproducibility check", f"harness check {results} --json > {out / 'check.json'}")
     rep = check(results)
     atomic_write_bytes(out / "check.json", rep.json_text().encode())
     verdicts = ", ".join(f"{n} {v}" for v, n in rep.to_json()["determinism"].items() if n)
     print(f"wrote {out / 'check.json'}: {len(rep.groups)} groups; determinism: {verdicts}")
 
     command = report_command(results, out=report)
-    stage(5, "stability report with plots", command)
+    stage(STAGES, "stability report with plots", command)
     path, plots = write_report(rep, report, command)
     print(f"wrote {path} and {len(plots)} plots in {path.parent / path.stem}")
 
     print(f"\n== done in {elapsed()}: report {path}\n")
     print(to_text(rep), end="")
     _next_steps(out, results, specs)
-    return 0 if clean else 1
+    return clean
 
 
 def _what(spec: ExperimentSpec) -> str:
@@ -119,6 +126,6 @@ def _next_steps(out: Path, results: Path, specs: list[ExperimentSpec]) -> None:
         "  on a Ray cluster (README, 'Run on a cluster'):",
         "    ray job submit --address http://HEAD:8265 -- harness sweep /app/experiments/patchcore_seeds.yaml "
         "--address auto --set data.root=/data --results /results",
-        f"  this demo again: it resumes (stored runs are not rerun); rm -r {out} to start over",
+        f"  this demo again: it resumes (stored runs are not run again); rm -r {results} to run them all again",
     ]
     print("\n".join(lines))

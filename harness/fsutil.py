@@ -77,3 +77,12 @@ def staged_dir(final: Path, marker: str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail before the work, not after it, when its output could not be written at ``path``."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"{what} {path} cannot be written ({existing} is not a writable directory)")

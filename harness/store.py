@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.fsutil import atomic_write_json
+from harness.fsutil import atomic_write_json, check_writable
 
 DEFAULT_RESULTS = "results"
 
@@ -37,13 +36,7 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail before a run, not after it, when records could not be written here."""
-        existing = self.root
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise HarnessError(
-                f"results directory {self.root} cannot be written ({existing} is not a writable directory)"
-            )
+        check_writable(self.root, "results directory")
 
     def path(self, sweep: str, run_id: str) -> Path:
         return self.root / sweep / "runs" / f"{run_id}.json"

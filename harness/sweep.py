@@ -206,30 +206,41 @@ def describe(record: dict[str, Any] | RunSpec) -> str:
 
 def _ray_defaults(address: str | None) -> None:
     """No usage stats; and the embedded default is this machine only: on loopback, reachable
-    from no other host.
+    from no other host, with Ray's token auth.
 
     Ray resolves 127.0.0.1 to the routable address unless "clusters" are off, its switch for
-    single-machine Ray (named for Windows and macOS), read when Ray is first imported.
+    single-machine Ray (named for Windows and macOS), read when Ray is first imported. Token
+    auth is Ray's default for a local cluster; saying so explicitly spares every sweep Ray's
+    warning that it chose it.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+# The addresses of the clusters `cluster` holds open in this process (None: a local one).
+_open: list[str | None] = []
 
 
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[None]:
     """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one.
 
-    Inside an open ``cluster`` (the demo runs its two studies on one), it is that one.
+    Inside an open ``cluster`` of the same address, it is that one (the demo runs its two
+    studies on one local cluster); another address is an error, as Ray allows one per process.
     """
+    if _open:
+        if _open[-1] != address:
+            held = _open[-1] or "a local Ray cluster"
+            raise HarnessError(f"this process already holds {held}; it cannot also join {address or 'a local one'}")
+        yield
+        return
     _ray_defaults(address)
     if address is not None:
         _check_reachable(address)
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address is None:
@@ -239,9 +250,11 @@ def cluster(address: str | None) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+    _open.append(address)
     try:
         yield
     finally:
+        _open.pop()
         ray.shutdown()
 
 

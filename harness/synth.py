@@ -120,6 +120,7 @@ class SynthSummary:
     n_train: int
     n_test_good: int
     n_test_defect: int
+    size: int
 
 
 def synth(
@@ -151,7 +152,7 @@ def synth(
     for category in categories:
         with staged_dir(out / category, MARKER) as cat_dir:
             _draw_category(cat_dir, category, n_train, n_good, n_test - n_good, size, seed)
-    return SynthSummary(out, tuple(categories), n_train, n_good, n_test - n_good)
+    return SynthSummary(out, tuple(categories), n_train, n_good, n_test - n_good, size)
 
 
 def _draw_category(

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.demo import CATEGORIES, spec_paths
+from harness.cli import build_parser
+from harness.demo import spec_paths
 from harness.spec import load_spec
 from tests.wandbkit import offline_runs
 
 REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("weave", "disc", "grid")
 
 
 def demo_args() -> list[str]:
@@ -45,8 +48,12 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
         assert spec.resources.gpu == 0  # runs anywhere
     assert patchcore.model_args["pre_trained"] is False  # no weights to fetch
     assert ganomaly.validation.split == "synthetic"  # selection never sees the test split
+    src = tmp_path / "src"  # a copy: a build leaves build/ and *.egg-info behind
+    shutil.copytree(
+        REPO, src, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "demo", "results", "datasets")
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, REPO],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, src],
         check=True,
         capture_output=True,
     )
@@ -64,11 +71,16 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     args = demo_args()
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the specs' own mode, as on a fresh machine
     harness_bin = Path(sys.executable).with_name("harness")
-    proc = subprocess.run(
-        [str(harness_bin), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / (args[args.index("--out") + 1] if "--out" in args else "demo")
+
+    def run_demo() -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(harness_bin), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    proc = run_demo()
+    out = tmp_path / build_parser().parse_args(args).out
     results = out / "results"
 
     records = {p.stem: json.loads(p.read_text()) for p in results.glob("*/runs/*.json")}
@@ -113,9 +125,10 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     plots = re.findall(r"!\[[^]]*\]\((demo/[^)]+\.png)\)", report)
     assert plots
     assert all((tmp_path / "reports" / p).stat().st_size > 1000 for p in plots)
+    assert sorted(p.name for p in (tmp_path / "reports" / "demo").iterdir()) == sorted(Path(p).name for p in plots)
     committed = (REPO / "reports" / "demo.md").read_text()
     assert _skeleton(committed) == _skeleton(report)
-    assert all((REPO / "reports" / p).is_file() for p in plots)
+    assert sorted(p.name for p in (REPO / "reports" / "demo").iterdir()) == sorted(Path(p).name for p in plots)
 
     # W&B: one offline run per stored record, plus each sweep's summary run
     for sweep in ("demo-patchcore", "demo-ganomaly"):
@@ -144,10 +157,25 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     assert "experiments/patchcore_seeds.yaml --set data.root=datasets/MVTecAD" in stdout
     assert "ray job submit" in stdout
 
+    # again: it resumes, running, storing and logging nothing new
+    files = {p: p.stat().st_mtime_ns for p in results.glob("*/runs/*.json")}
+    again = run_demo().stdout
+    assert "sweep demo-patchcore: 0 ok, 0 failed, 0 lost, 18 already stored" in again
+    assert "sweep demo-ganomaly: 0 ok, 0 failed, 0 lost, " in again
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*/runs/*.json")} == files
+    assert (out / "check.json").read_text() == check_json
+    for sweep in ("demo-patchcore", "demo-ganomaly"):  # no record logged twice; the summary anew
+        runs = offline_runs(results / sweep / "wandb")
+        assert all(len(rs) == 1 for i, rs in runs.items() if rs[0].job_type != "summary")
+
 
 def _skeleton(report: str) -> list[str]:
-    """Headings, and the stability table's label, category and seed count per row."""
-    lines = [ln for ln in report.splitlines() if ln.startswith(("# Stability", "## "))]
-    table = report.split("## Stability over seeds", 1)[1].split("\n## ", 1)[0]
-    rows = [ln.split(" | ")[:3] for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln]
-    return lines + [" | ".join(r) for r in rows]
+    """Headings; what was run (without times); the stability table's label, category and seeds."""
+
+    def rows(section: str, columns: int) -> list[str]:
+        blocks = report.split(f"## {section}", 1)[1].split("\n## ", 1)[0].split("\n\n")
+        table = next(b for b in blocks if b.startswith("| "))  # the section's first table
+        return [" | ".join(ln.split(" | ")[:columns]) for ln in table.splitlines() if "---" not in ln]
+
+    headings = [ln for ln in report.splitlines() if ln.startswith(("# Stability", "## "))]
+    return headings + rows("What was run", 7) + rows("Stability over seeds", 3)

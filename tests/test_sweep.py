@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -439,6 +440,22 @@ def test_pixel_metrics_need_a_model_with_maps(tmp_path: Path) -> None:
     out = sweep_cli(spec, tmp_path / "results")
     assert out.returncode == 2
     assert "metric: ganomaly makes no anomaly maps" in out.stderr
+
+
+def test_a_cluster_inside_an_open_one_is_that_one_or_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo runs both studies on one local cluster; joining another meanwhile is refused."""
+    import ray
+
+    from harness import sweep as sweep_mod
+    from harness.errors import HarnessError
+
+    monkeypatch.setattr(sweep_mod, "_open", [None])  # as inside `with cluster(None):`
+    with sweep_mod.cluster(None):
+        assert not ray.is_initialized()  # no second cluster was started
+    held = "already holds a local Ray cluster; it cannot also join 127.0.0.1:1"
+    with pytest.raises(HarnessError, match=re.escape(held)), sweep_mod.cluster("127.0.0.1:1"):
+        pass
+    assert sweep_mod._open == [None]
 
 
 def test_an_address_nothing_answers_on_is_one_line(tmp_path: Path, synth_root: Path) -> None:
