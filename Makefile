@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # Both create .venv with pip (torch comes from the local wheel cache where there is one).
 VENV ?= .venv
+# A Python 3.11 (pyproject.toml); elsewhere: make demo PYTHON=python3.11
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # anomalib's coreset loop fragments glibc's heap unless large blocks are mmapped (see README).
@@ -9,7 +11,7 @@ export MALLOC_MMAP_THRESHOLD_ := 1048576
 .PHONY: install demo test test-fast lint bench
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
@@ -32,5 +34,6 @@ lint: $(STAMP)
 
 # The benchmarks of benchmarks/, and tests/bench/ at full settings (it runs short in `make test`).
 bench: $(STAMP)
+	mkdir -p .benchmarks
 	HARNESS_BENCH=full $(PY) -m pytest benchmarks tests/bench --benchmark-only \
 		--benchmark-columns=min,max,mean,rounds --benchmark-json=.benchmarks/run.json

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "report",
         "markdown stability report with PNG plots beside it (same store, same bytes)",
-        "harness report results --out reports/smoke.md",
+        "harness report demo/results --out reports/demo.md",
     )
     report.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
     _add_sweep(report)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         "the whole pipeline on synthetic data: PatchCore seed study, GANomaly search, check, report, "
-        "W&B offline (no data set, GPU, account or network; about 5 minutes on 2 cores)",
+        "W&B offline (no data set, GPU, account or network; about 3 minutes on 2 cores)",
         "harness demo",
     )
     demo.add_argument(

@@ -123,8 +123,8 @@ def _next_steps(out: Path, results: Path, specs: list[ExperimentSpec]) -> None:
         "    harness sweep experiments/ganomaly_hpo.yaml --set data.root=datasets/MVTecAD",
         "    (no GPU: add --set resources.gpu=0 --set resources.cpu=2; air-gapped: "
         "--set model_args.weights=/path/resnet18.pth)",
-        "  on a Ray cluster (README, 'Run on a cluster'):",
-        "    ray job submit --address http://HEAD:8265 -- harness sweep /app/experiments/patchcore_seeds.yaml "
+        "  on a Ray cluster (README, 'Run on a cluster'), with its dashboard tunnelled to 127.0.0.1:8265:",
+        "    ray job submit --address http://127.0.0.1:8265 -- harness sweep /app/experiments/patchcore_seeds.yaml "
         "--address auto --set data.root=/data --results /results",
         f"  this demo again: it resumes (stored runs are not run again); rm -r {results} to run them all again",
     ]
