@@ -20,7 +20,7 @@ from harness.report import report_command, write_report
 from harness.spec import ExperimentSpec, load_spec
 from harness.sweep import cluster, sweep
 from harness.synth import synth
-from harness.tracking import wandb_mode
+from harness.tracking import sweep_wandb_dir, wandb_mode
 
 SPECS = ("patchcore.yaml", "ganomaly.yaml")
 REPORT = Path("reports/demo.md")
@@ -111,7 +111,8 @@ def _what(spec: ExperimentSpec) -> str:
 
 
 def _next_steps(out: Path, results: Path, specs: list[ExperimentSpec]) -> None:
-    offline = [results / s.name / "wandb" for s in specs if any((results / s.name / "wandb").glob("offline-run-*"))]
+    wandb_dirs = [sweep_wandb_dir(results, s.name) for s in specs]
+    offline = [d for d in wandb_dirs if any(d.glob("offline-run-*"))]
     lines = ["", f"records: {results}/<sweep>/runs/*.json; check: {out / 'check.json'}"]
     if offline:
         lines.append(f"W&B offline runs: {', '.join(map(str, offline))}; upload with: wandb sync <dir>/offline-run-*")

@@ -109,6 +109,11 @@ def run_tags(record: dict[str, Any]) -> list[str]:
     return [t[:64] for t in tags]  # W&B's limit
 
 
+def sweep_wandb_dir(results: Path, sweep: str) -> Path:
+    """Where a sweep's W&B runs, wandb's own logs and the ledger live: beside its records."""
+    return results / sweep / "wandb"
+
+
 @dataclass
 class WandbTracker:
     """Logs one sweep's stored records to W&B; see the module docstring for what it promises.
@@ -129,9 +134,8 @@ class WandbTracker:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
-    def root(self) -> Path:
-        """wandb writes its runs to ``<root>/wandb/``, beside the sweep's records."""
-        return self.results / self.sweep
+    def dir(self) -> Path:
+        return sweep_wandb_dir(self.results, self.sweep)
 
     def attach(self, store: ResultsStore) -> None:
         store.observers.append(self.log)
@@ -161,7 +165,7 @@ class WandbTracker:
         if self.failure is not None:
             return
         done = f"{self.logged} runs" + (" and the summary run" if summary else "")
-        where = f"{self.root / 'wandb'}; upload with: wandb sync {self.root / 'wandb'}/offline-run-*"
+        where = f"{self.dir}; upload with: wandb sync {self.dir}/offline-run-*"
         if self.mode == "online":
             where = url or f"project {self.project}"
         print(f"W&B ({self.mode}): {done} of project {self.project}, group {self.sweep}: {where}", file=self.out)
@@ -188,7 +192,7 @@ class WandbTracker:
             self._thread = None
 
     def _ledger(self, run_id: str) -> Path:
-        return self.root / "wandb" / "logged" / run_id
+        return self.dir / "logged" / run_id
 
     def _logged(self, path: Path) -> bool:
         """Logged after the record file was last written (a rerun's new record is logged anew)."""
@@ -230,13 +234,13 @@ class WandbTracker:
             finish_timeout=_seconds("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S),
             finish_timeout_raises=True,
         )
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         resume = "allow" if self.mode == "online" else None  # offline runs never resume
         return wandb.init(
             project=self.project,
             entity=self.entity,
             mode=self.mode,  # type: ignore[arg-type]
-            dir=str(self.root),
+            dir=str(self.dir.parent),  # wandb adds the "wandb/" itself
             group=self.sweep,
             resume=resume,  # type: ignore[arg-type]
             settings=settings,
@@ -292,7 +296,7 @@ class WandbTracker:
         )
         try:
             # Artifacts wait in WANDB_DATA_DIR until uploaded: keep an offline run's beside it.
-            with tempfile.TemporaryDirectory() as tmp, _env_default("WANDB_DATA_DIR", str(self.root / "wandb")):
+            with tempfile.TemporaryDirectory() as tmp, _env_default("WANDB_DATA_DIR", str(self.dir)):
                 md, plots = write_report(rep, Path(tmp) / f"{self.sweep}.md", command)
                 artifact = wandb.Artifact(f"report-{self.sweep}", type="report", description=f"built by `{command}`")
                 artifact.add_file(str(md), name=md.name)
