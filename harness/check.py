@@ -734,16 +734,20 @@ class CheckReport:
             "malformed": len(self.store.malformed),
         }
 
+    def determinism_counts(self) -> dict[str, int]:
+        """Groups per determinism verdict."""
+        return {
+            v: sum(g.determinism.verdict == v for g in self.groups)
+            for v in ("bitwise", "within_tolerance", "diverged", "untested")
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": CHECK_SCHEMA,
             "tolerance": self.tolerance,
             "records": self.counts(),
             "malformed": [{"path": p, "error": e} for p, e in self.store.malformed],
-            "determinism": {
-                v: sum(g.determinism.verdict == v for g in self.groups)
-                for v in ("bitwise", "within_tolerance", "diverged", "untested")
-            },
+            "determinism": self.determinism_counts(),
             "groups": [g.to_json() for g in self.groups],
             "comparisons": [c.to_json() for c in self.comparisons],
             "searches": [s.to_json() for s in self.searches],

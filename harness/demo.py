@@ -86,7 +86,7 @@ def demo(out: Path, report: Path = REPORT) -> bool:
     stage(STAGES - 1, "reproducibility check", f"harness check {results} --json > {out / 'check.json'}")
     rep = check(results)
     atomic_write_bytes(out / "check.json", rep.json_text().encode())
-    verdicts = ", ".join(f"{n} {v}" for v, n in rep.to_json()["determinism"].items() if n)
+    verdicts = ", ".join(f"{n} {v}" for v, n in rep.determinism_counts().items() if n)
     print(f"wrote {out / 'check.json'}: {len(rep.groups)} groups; determinism: {verdicts}")
 
     command = report_command(results, out=report)
