@@ -5,10 +5,11 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# anomalib's coreset loop fragments glibc's heap unless large blocks are mmapped (see README).
+# anomalib's coreset loop fragments glibc's heap unless large blocks are mmapped (harness/malloc.py,
+# docs/performance.md).
 export MALLOC_MMAP_THRESHOLD_ := 1048576
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install demo example test test-fast lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/harness demo
+
+# The committed example report (reports/demo.md and its plots): a fresh demo, reported there.
+example: $(STAMP)
+	rm -rf demo
+	$(VENV)/bin/harness demo --out demo
+	$(VENV)/bin/harness report demo/results --out reports/demo.md
 
 test: $(STAMP)
 	$(PY) -m pytest

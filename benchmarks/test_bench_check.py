@@ -12,6 +12,10 @@ category, so 42-167 scores and paths a record):
 
 Each command runs as a user runs it, a fresh process; its peak memory is the largest process
 tree RSS sampled every 20 ms (the parser's worker processes included).
+
+Before and after a change, in one run on one store: point ``HARNESS_BENCH_BASELINE`` at another
+checkout of the harness (``git worktree add /tmp/before main``) and the same commands run from
+there too, side by side.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import tests.recordkit as rk
 from harness.report import MVTEC_TEST_IMAGES
 
 SEEDS, REPEATS, SWEEPS, TRIALS = 30, 2, 10, 300
+BASELINE = os.environ.get("HARNESS_BENCH_BASELINE")
 HARDWARE = (rk.ENV, rk.GPU_ENV, {**rk.GPU_ENV, "gpu_name": "NVIDIA A100", "hardware_id": "gpu-a100"})
 
 
@@ -82,7 +87,7 @@ def _trial(sweep: str, category: str, params: dict[str, Any], t: int, n_test: in
     trial.update(
         metrics={"val_image_AUROC": curve[-1]["val_image_AUROC"]},
         predictions=None,
-        validation={"curve": curve, "stopped_early": False},
+        validation={**rk.VALIDATION, "curve": curve},
     )
     return trial
 
@@ -104,10 +109,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _measure(cmd: list[str]) -> tuple[float, int]:
+def _measure(cmd: list[str], cwd: str | None) -> tuple[float, int]:
     """Wall time and the peak RSS of the process tree (sampled)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     peak = 0
     done = threading.Event()
 
@@ -132,8 +137,10 @@ def _measure(cmd: list[str]) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("command", ["check", "report"])
-def test_check_and_report_100k(benchmark: Any, store: Path, tmp_path: Path, command: str) -> None:
+@pytest.mark.parametrize("version", ["current", *(["baseline"] if BASELINE else [])])
+def test_check_and_report_100k(benchmark: Any, store: Path, tmp_path: Path, command: str, version: str) -> None:
     extra = ["--json"] if command == "check" else ["--out", str(tmp_path / "big.md")]
     cmd = [sys.executable, "-m", "harness", command, str(store), *extra]
-    wall, peak = benchmark.pedantic(_measure, args=(cmd,), rounds=2, iterations=1)
+    cwd = BASELINE if version == "baseline" else None  # `-m` imports the package of the working directory
+    wall, peak = benchmark.pedantic(_measure, args=(cmd, cwd), rounds=2, iterations=1)
     benchmark.extra_info.update(records=99_000, wall_s=round(wall, 2), peak_rss_gib=round(peak / 2**30, 3))

@@ -1,4 +1,4 @@
-"""The ``harness`` command line (contract in DESIGN.md).
+"""The ``harness`` command line (every command with an example: docs/cli.md).
 
 Bad input is one line on stderr and exit code 2; a run that failed is exit code 1. Nothing
 heavy is imported until a command needs it, so ``--help`` answers at once.
@@ -21,24 +21,29 @@ if TYPE_CHECKING:
 
 EXIT_FAILED_RUN = 1
 EXIT_BAD_INPUT = 2
-# anomalib's coreset loop fragments glibc's heap (25 MB a step, seen up to 23.6 GB) unless
-# large blocks are mmapped; glibc reads this only at process start.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 TRAINING_COMMANDS = {"run", "demo"}
-VERDICTS_HELP = """\
+
+
+def verdicts_help() -> str:
+    """``harness check --help``'s account of how it decides, with the checker's own thresholds."""
+    from harness.check.pairs import DEFAULT_TOLERANCE
+    from harness.check.stats import BOOTSTRAP_SEED, CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE
+
+    ci = f"{CONFIDENCE:.0%} CI"
+    return f"""\
 how it decides:
   groups       runs that differ only in seed and repeat (sweep, model, params, category);
                a seed counts once (its repeats averaged); search trials are left out
-  seed spread  n, mean, std, 95% CI (scipy BCa bootstrap of the mean, seed 0), min, max, CV
+  seed spread  n, mean, std, {ci} (scipy BCa bootstrap of the mean, seed {BOOTSTRAP_SEED}), min, max, CV
   determinism  same seed on the same hardware_id: bitwise (equal score and map hashes),
-               within_tolerance (hashes differ, every metric within --tolerance),
-               diverged (beyond it), untested (no repeats)
+               within_tolerance (hashes differ, every metric within --tolerance, default {DEFAULT_TOLERANCE:g}),
+               diverged (beyond it), untested (no repeats: set `repeats: 2` in the spec)
   hardware     same seed on different hardware_ids: metric deltas, the same three verdicts
                (differs for diverged), and which environment fields differ
-  comparison   P(A>B): chance a seed of A beats a seed of B (ties half), 95% CI by seeded
-               percentile bootstrap; `A better` if the CI is above 0.5 and P >= 0.75
+  comparison   P(A>B): chance a seed of A beats a seed of B (ties half), {ci} by seeded
+               percentile bootstrap; `A better` if the CI is above 0.5 and P >= {MEANINGFUL:g}
                (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
-               under 3 seeds a side, `too few seeds`; only runs on the same data compared
+               under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`; only runs on the same data compared
 exit: 0; 1 with --strict when any determinism verdict is diverged; 2 for bad input"""
 
 
@@ -74,6 +79,8 @@ def _add_set_and_results(parser: argparse.ArgumentParser, examples: str) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.check.pairs import DEFAULT_TOLERANCE
+
     parser = _Parser(
         prog="harness",
         description="Sweep and reproducibility harness for industrial anomaly detection (anomalib 2.x).",
@@ -152,16 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
     _add_sweep(check)
-    check.add_argument("--json", action="store_true", help="print the machine-readable document (keys in README)")
+    check.add_argument(
+        "--json", action="store_true", help="print the machine-readable document (keys in docs/check-json.md)"
+    )
     check.add_argument("--strict", action="store_true", help="exit 1 when a same-seed repeat diverged")
     check.add_argument(
         "--tolerance",
         type=float,
         default=None,
         metavar="X",
-        help="largest absolute metric difference still `within_tolerance` (default 0.001)",
+        help=f"largest absolute metric difference still `within_tolerance` (default {DEFAULT_TOLERANCE:g})",
     )
-    check.epilog = (check.epilog or "") + "\n\n" + VERDICTS_HELP
+    check.epilog = (check.epilog or "") + "\n\n" + verdicts_help()
 
     report = _add(
         sub,
@@ -190,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("demo"),
-        help="data, results and check.json go here (demo/); the report goes to reports/demo.md",
+        help="everything it makes goes here (default demo/): data/, results/, check.json, reports/demo.md",
     )
     return parser
 
@@ -232,14 +241,15 @@ _RUN_FLAG_KEYS = {
 
 
 def _format_summary(record: RunRecord, path: Path) -> str:
-    head = f"{record.model} {record.category} seed={record.seed} repeat={record.repeat}"
-    if record.status == "failed":
-        return f"FAILED {head}: {(record.error or '').splitlines()[0]} -> {path}"
-    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items()) if v is not None)
+    from harness.formatting import GIB, fmt_metrics, run_name
+
+    head = run_name(record)
+    if not record.ok:
+        return f"FAILED {head}: {record.first_error_line()} -> {path}"
     t, m = record.timing, record.memory
     return (
-        f"{head}: {metrics} fit={t.fit_s:.1f}s test={t.test_s:.1f}s "
-        f"peak_rss={m.peak_rss_bytes / 2**30:.2f}GiB -> {path}"
+        f"{head}: {fmt_metrics(record.metrics)} fit={t.fit_s:.1f}s test={t.test_s:.1f}s "
+        f"peak_rss={m.peak_rss_bytes / GIB:.2f}GiB -> {path}"
     )
 
 
@@ -276,7 +286,7 @@ def execute_run(
         tracker.attach(store)
     try:
         record = run_one(run_spec(spec, category, seed, repeat, device))
-        path = store.put(record.to_json())
+        path = store.put(record)
         if tracker is not None:
             tracker.finish(store, summary=False)
     finally:
@@ -347,6 +357,8 @@ COMMANDS = {
 
 
 def _reexec_with_malloc_env(argv: list[str]) -> None:
+    from harness.malloc import MALLOC_ENV
+
     if all(k in os.environ for k in MALLOC_ENV):
         return  # already set, by us or deliberately by the user
     env = {**os.environ, **MALLOC_ENV}

@@ -10,11 +10,11 @@ it goes through the same functions as ``harness data synth``, ``sweep``, ``check
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from harness.check import check, to_text
+from harness.formatting import fmt_duration
 from harness.fsutil import atomic_write_bytes, check_writable
 from harness.report import report_command, write_report
 from harness.spec import ExperimentSpec, load_spec
@@ -23,7 +23,7 @@ from harness.synth import synth
 from harness.tracking import sweep_wandb_dir, wandb_mode
 
 SPECS = ("patchcore.yaml", "ganomaly.yaml")
-REPORT = Path("reports/demo.md")
+REPORT = Path("reports/demo.md")  # under the demo's directory, as a checkout keeps its reports
 STAGES = len(SPECS) + 3  # data, the studies, check, report
 
 
@@ -42,22 +42,18 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _clock(started: float) -> Callable[[], str]:
-    def elapsed() -> str:
-        secs = int(time.monotonic() - started)
-        return f"{secs // 60}m{secs % 60:02d}s"
-
-    return elapsed
-
-
-def demo(out: Path, report: Path = REPORT) -> bool:
-    """Run every stage; True when every run is ``ok``.
+def demo(out: Path) -> bool:
+    """Run every stage, writing everything under ``out``; True when every run is ``ok``.
 
     Each stage prints the command that does the same by hand, so the demo doubles as a tour.
     Bad input (an unwritable place, a W&B setting that cannot work) stops it before any stage.
     """
-    elapsed = _clock(time.monotonic())
-    data, results = out / "data", out / "results"
+    started = time.monotonic()
+
+    def elapsed() -> str:
+        return fmt_duration(time.monotonic() - started)
+
+    data, results, report = out / "data", out / "results", out / REPORT
     paths = spec_paths()
     specs = [load_spec(p, [f"data.root={data}"]) for p in paths]
     categories = tuple(specs[0].data.categories)  # both studies run on the same data
@@ -65,7 +61,6 @@ def demo(out: Path, report: Path = REPORT) -> bool:
         if spec.tracking.wandb is not None:
             wandb_mode(spec.tracking.wandb)  # WANDB_MODE=online without a key fails here
     check_writable(out, "demo directory")
-    check_writable(report.parent, "report directory")
 
     def stage(n: int, what: str, command: str) -> None:
         print(f"\n== {n}/{STAGES} {what} [{elapsed()}]\n   by hand: {command}", flush=True)
@@ -75,7 +70,7 @@ def demo(out: Path, report: Path = REPORT) -> bool:
     n_test = s.n_test_good + s.n_test_defect
     print(f"wrote {', '.join(s.categories)} to {data}: {s.n_train} train and {n_test} test images each, {s.size} px")
     clean = True
-    print("\nstarting a local Ray cluster (this machine only, on loopback; stopped at the end)", flush=True)
+    print()
     with cluster(None):  # one for both studies
         for n, (path, spec) in enumerate(zip(paths, specs, strict=True), start=2):
             stage(n, _what(spec), f"harness sweep {_shown(path)} --set data.root={data} --results {results}")
@@ -124,7 +119,7 @@ def _next_steps(out: Path, results: Path, specs: list[ExperimentSpec]) -> None:
         "    harness sweep experiments/ganomaly_hpo.yaml --set data.root=datasets/MVTecAD",
         "    (no GPU: add --set resources.gpu=0 --set resources.cpu=2; air-gapped: "
         "--set model_args.weights=/path/resnet18.pth)",
-        "  on a Ray cluster (README, 'Run on a cluster'), with its dashboard tunnelled to 127.0.0.1:8265:",
+        "  on a Ray cluster (docs/cluster.md), with its dashboard tunnelled to 127.0.0.1:8265:",
         "    ray job submit --address http://127.0.0.1:8265 -- harness sweep /app/experiments/patchcore_seeds.yaml "
         "--address auto --set data.root=/data --results /results",
         f"  this demo again: it resumes (stored runs are not run again); rm -r {results} to run them all again",

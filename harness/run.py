@@ -18,7 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -149,7 +149,9 @@ def make_run_id(spec: RunSpec, hardware_id: str) -> str:
     return stable_hash({**spec.key(), "hardware_id": hardware_id})
 
 
-def _pre_processor(image_size: int) -> Any:
+def pre_processor(image_size: int) -> Any:
+    """The one preprocessing every model gets: resize, ImageNet normalisation (benchmarks that
+    build anomalib models by hand use it too, to compare like with like)."""
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
@@ -217,7 +219,7 @@ def _fixed_rng(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(states[2])
 
 
-def _build_validation_split(datamodule: Any, workdir: Path) -> None:
+def build_validation_split(datamodule: Any, workdir: Path) -> None:
     """Build a trial's validation split now, the same for every trial of a search.
 
     anomalib picks which held-out images get synthetic anomalies with numpy's global RNG and
@@ -283,7 +285,7 @@ def fit_and_predict(
     adapter = get_model(spec.model)
     model = adapter.build(
         args,
-        pre_processor=_pre_processor(spec.data.image_size),
+        pre_processor=pre_processor(spec.data.image_size),
         # Raw scores: min-max normalisation would make scores depend on the other images.
         post_processor=PostProcessor(enable_normalization=False),
         train_batch_size=spec.data.train_batch_size,
@@ -295,7 +297,7 @@ def fit_and_predict(
     base = Path(spec.data.root).expanduser() / spec.category
     trial = spec.validation is not None
     if trial:
-        _build_validation_split(datamodule, workdir)
+        build_validation_split(datamodule, workdir)
     engine = Engine(
         default_root_dir=workdir,
         accelerator="gpu" if device.startswith("cuda") else "cpu",
@@ -360,22 +362,37 @@ def planned_run_id(spec: RunSpec) -> str:
     return make_run_id(spec, local_hardware_id(resolve_device(spec.device), spec.resources.cpu))
 
 
-class _Run:
-    """One run in progress: what its record needs, gathered as it goes."""
+@dataclass
+class RunState:
+    """What a run's record is made of, gathered as the run goes (``build_record`` makes it)."""
 
-    def __init__(
-        self, spec: RunSpec, data: DataCheck, args: ModelArgs, device: str, features: dict[str, Any] | None
-    ) -> None:
-        self.spec, self.data, self.args, self.features = spec, data, args, features
-        self.env = fingerprint(device, spec.resources.cpu)
-        self.started = _now()
-        self.t_start = time.perf_counter()
-        self.mem = MemoryMonitor(device)
-        self.curve: list[dict[str, int | float | None]] = []  # a trial's validation metrics per epoch
-        self.n_val = self.n_val_anomalous = 0
-        self.n_train: int | None = None  # known once the data is split
+    spec: RunSpec
+    environment: dict[str, Any]
+    params: dict[str, Any]  # the spec's settings, with content hashes once the data was read
+    data_root: str
+    data_sha256: str | None
+    memory: MemoryMonitor | None = None  # None: the run never started, nothing was measured
+    features: dict[str, Any] | None = None
+    started: str = field(default_factory=_now)
+    t_start: float = field(default_factory=time.perf_counter)
+    curve: list[dict[str, int | float | None]] = field(default_factory=list)  # a trial's, per epoch
+    n_val: int = 0
+    n_val_anomalous: int = 0
+    n_train: int | None = None  # known once the data is split
 
-    def _validation(self) -> ValidationInfo | None:
+    @classmethod
+    def unstarted(cls, spec: RunSpec) -> RunState:
+        """A run that could not start where it was sent: no data read, nothing measured."""
+        try:
+            device = resolve_device(spec.device)
+        except HarnessError:
+            device = "cpu"
+        return cls(spec, fingerprint(device, spec.resources.cpu), spec.params(), spec.data.root, None)
+
+    def last_validation(self) -> dict[str, float | None]:
+        return {k: v for k, v in (self.curve[-1] if self.curve else {}).items() if k != "epoch"}
+
+    def validation(self) -> ValidationInfo | None:
         if self.spec.validation is None:
             return None
         return ValidationInfo(
@@ -386,41 +403,44 @@ class _Run:
             curve=list(self.curve),
         )
 
-    def record(self, fitted: Fitted | None, metrics: dict[str, float | None], error: str | None = None) -> RunRecord:
-        spec = self.spec
-        pred = fitted.pred if fitted else None
-        return RunRecord(
-            run_id=make_run_id(spec, self.env["hardware_id"]),
-            sweep=spec.sweep,
-            study=spec.study,
-            model=spec.model,
-            params=_params(spec, self.args, self.data),
-            category=spec.category,
-            seed=spec.seed,
-            repeat=spec.repeat,
-            status="failed" if error else "ok",
-            error=error,
-            metrics=metrics,
-            predictions=_predictions(pred, fitted.model_sha256) if fitted and pred is not None else None,
-            timing=_timing(fitted, time.perf_counter() - self.t_start),
-            memory=self.mem.result(),
-            data=DataInfo(
-                root=str(self.data.root),
-                sha256=self.data.sha256,
-                n_train=fitted.n_train if fitted else self.n_train,
-                n_test=len(pred.paths) if pred is not None else None,
-            ),
-            environment=self.env,
-            started_at=self.started,
-            finished_at=_now(),
-            role=spec.role,
-            validation=self._validation(),
-            selection=spec.selection,
-            features=self.features,
-        )
 
-    def last_validation(self) -> dict[str, float | None]:
-        return {k: v for k, v in (self.curve[-1] if self.curve else {}).items() if k != "epoch"}
+def build_record(
+    state: RunState, fitted: Fitted | None, metrics: dict[str, float | None], error: str | None = None
+) -> RunRecord:
+    """The one place a run record is made: finished, failed, a trial mid-search, or unstarted."""
+    spec = state.spec
+    pred = fitted.pred if fitted else None
+    unmeasured = Memory(peak_rss_bytes=0, process_peak_rss_bytes=0, peak_gpu_bytes=None)
+    memory = state.memory.result() if state.memory else unmeasured
+    return RunRecord(
+        run_id=make_run_id(spec, state.environment["hardware_id"]),
+        sweep=spec.sweep,
+        study=spec.study,
+        model=spec.model,
+        params=state.params,
+        category=spec.category,
+        seed=spec.seed,
+        repeat=spec.repeat,
+        status="failed" if error else "ok",
+        error=error,
+        metrics=metrics,
+        predictions=_predictions(pred, fitted.model_sha256) if fitted and pred is not None else None,
+        timing=_timing(fitted, time.perf_counter() - state.t_start),
+        memory=memory,
+        data=DataInfo(
+            root=state.data_root,
+            sha256=state.data_sha256,
+            n_train=fitted.n_train if fitted else state.n_train,
+            n_test=len(pred.paths) if pred is not None else None,
+        ),
+        environment=state.environment,
+        started_at=state.started,
+        finished_at=_now(),
+        role=spec.role,
+        validation=state.validation(),
+        selection=spec.selection,
+        features=state.features,
+    )
 
 
 EpochHook = Callable[[RunRecord], None]
@@ -463,28 +483,30 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None, cache: FeatureCach
     info = None if shared is None else {"key": shared.key, "reused": shared.embedding is not None}
     with quiet():
         seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
-        run = _Run(spec, data, args, device, info)
+        monitor = MemoryMonitor(device)
+        env = fingerprint(device, spec.resources.cpu)
+        state = RunState(spec, env, _params(spec, args, data), str(data.root), data.sha256, monitor, info)
 
         def on_val(pred: Predicted, n_train: int) -> None:
             val = {f"val_{k}": v for k, v in compute_metrics(pred).items()}
-            run.curve.append({"epoch": len(run.curve) + 1, **val})
-            run.n_val, run.n_val_anomalous, run.n_train = len(pred.paths), int(pred.labels.sum()), n_train
+            state.curve.append({"epoch": len(state.curve) + 1, **val})
+            state.n_val, state.n_val_anomalous, state.n_train = len(pred.paths), int(pred.labels.sum()), n_train
             if on_epoch is not None:
-                on_epoch(run.record(None, run.last_validation()))
+                on_epoch(build_record(state, None, state.last_validation()))
 
         error: str | None = None
         fitted: Fitted | None = None
         metrics: dict[str, float | None] = {}
-        with run.mem, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
+        with monitor, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
             try:
                 fitted = fit_and_predict(spec, args, device, Path(workdir), on_val, shared)
-                metrics = compute_metrics(fitted.pred) if fitted.pred is not None else run.last_validation()
+                metrics = compute_metrics(fitted.pred) if fitted.pred is not None else state.last_validation()
             except HarnessError:
                 raise
             except Exception as exc:  # recorded as a failed run, never swallowed
                 last = traceback.extract_tb(exc.__traceback__)[-1]
                 error = f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
-        return run.record(fitted, metrics, error)
+        return build_record(state, fitted, metrics, error)
 
 
 def unstarted_record(spec: RunSpec, error: str) -> RunRecord:
@@ -493,31 +515,4 @@ def unstarted_record(spec: RunSpec, error: str) -> RunRecord:
     On a cluster the data or weights may be missing on one node only: the sweep stores that
     as the run's failure (and goes on) where ``harness run`` would stop with the error.
     """
-    try:
-        device = resolve_device(spec.device)
-    except HarnessError:
-        device = "cpu"
-    env = fingerprint(device, spec.resources.cpu)
-    now = _now()
-    return RunRecord(
-        run_id=make_run_id(spec, env["hardware_id"]),
-        sweep=spec.sweep,
-        study=spec.study,
-        model=spec.model,
-        params=spec.params(),
-        category=spec.category,
-        seed=spec.seed,
-        repeat=spec.repeat,
-        status="failed",
-        error=error,
-        metrics={},
-        predictions=None,
-        timing=Timing(fit_s=None, test_s=None, latency_ms_per_image=None, total_s=0.0),
-        memory=Memory(peak_rss_bytes=0, process_peak_rss_bytes=0, peak_gpu_bytes=None),
-        data=DataInfo(root=spec.data.root, sha256=None, n_train=None, n_test=None),
-        environment=env,
-        started_at=now,
-        finished_at=now,
-        role=spec.role,
-        selection=spec.selection,
-    )
+    return build_record(RunState.unstarted(spec), None, {}, error)

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import HarnessError
 from harness.models import get_model
+from harness.record import Role
 
 Device = Literal["auto", "cpu", "cuda"]
-Role = Literal["run", "trial", "best"]  # a study's run, an HPO trial, a best-config run
 
 
 class StrictModel(BaseModel):
@@ -135,7 +135,7 @@ HPO_ONLY_KEYS = ("search_space", "num_samples", "metric", "mode", "scheduler", "
 
 
 class ExperimentSpec(StrictModel):
-    """A whole study as users write it in ``experiments/*.yaml`` (see DESIGN.md)."""
+    """A whole study as users write it in ``experiments/*.yaml`` (every key: docs/specs.md)."""
 
     name: str = Field(default="adhoc", pattern=SWEEP_NAME)
     study: Literal["seeds", "hpo"] = "seeds"
@@ -259,11 +259,6 @@ class RunSpec(StrictModel):
         if self.validation is not None:
             params["validation"] = self.validation.model_dump(mode="json")
         return params
-
-
-def config_label(config: dict[str, Any]) -> str:
-    """A trial's sampled values, short: ``latent_vec_size=8,lr=0.00121``."""
-    return ",".join(f"{k.split('.')[-1]}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in config.items())
 
 
 def _one_line(err: ValidationError, *prefix: str) -> str:

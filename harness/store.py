@@ -6,13 +6,13 @@ leaves a half record, and concurrent writers of different runs never touch the s
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.fsutil import atomic_write_json, check_writable
+from harness.fsutil import atomic_write_bytes, check_writable
+from harness.record import RunRecord, decode_record, encode_record
 
 DEFAULT_RESULTS = "results"
 
@@ -22,7 +22,7 @@ def default_results_dir() -> Path:
 
 
 # Told of each record once it is stored: the seam for outputs such as W&B (tracking.py).
-Observer = Callable[[dict[str, Any], Path], None]
+Observer = Callable[[RunRecord, Path], None]
 
 
 class ResultsStore:
@@ -41,20 +41,25 @@ class ResultsStore:
     def path(self, sweep: str, run_id: str) -> Path:
         return self.root / sweep / "runs" / f"{run_id}.json"
 
-    def put(self, record: dict[str, Any]) -> Path:
+    def put(self, record: RunRecord) -> Path:
         """Store a record (replacing one with the same id: a rerun of the same run)."""
-        path = self.path(record["sweep"], record["run_id"])
-        atomic_write_json(path, record)
+        path = self.path(record.sweep, record.run_id)
+        atomic_write_bytes(path, encode_record(record))
         for observer in self.observers:
             observer(record, path)
         return path
 
-    def get(self, sweep: str, run_id: str) -> dict[str, Any] | None:
-        path = self.path(sweep, run_id)
+    def get(self, sweep: str, run_id: str) -> RunRecord | None:
+        """The stored record, or None where there is none or the file is not a record."""
+        return self._read(self.path(sweep, run_id))
+
+    @staticmethod
+    def _read(path: Path) -> RunRecord | None:
         try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
+            record = decode_record(path.read_bytes())
+        except (OSError, ValueError):
+            return None  # missing or damaged: the run is redone and the file replaced whole
+        return record if record.run_id == path.stem else None
 
     def relpaths(self, sweep: str = "*") -> list[str]:
         """Every record file (of one sweep, or all) as sorted ``<sweep>/runs/<run_id>.json``.
@@ -83,14 +88,6 @@ class ResultsStore:
         for rel in self.relpaths(sweep):
             yield self.root / rel
 
-    def records(self, sweep: str) -> dict[str, dict[str, Any]]:
+    def records(self, sweep: str) -> dict[str, RunRecord]:
         """The sweep's readable records by run id; an unreadable file counts as no record."""
-        out: dict[str, dict[str, Any]] = {}
-        for path in self.paths(sweep):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a damaged file: the run is redone and the file replaced whole
-            if isinstance(record, dict) and record.get("run_id") == path.stem:
-                out[path.stem] = record
-        return out
+        return {path.stem: record for path in self.paths(sweep) if (record := self._read(path)) is not None}

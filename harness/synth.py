@@ -66,7 +66,7 @@ PATTERNS: dict[str, Callable[[np.random.Generator, int], Canvas]] = {
 }
 
 
-def _defect_mask(rng: np.random.Generator, size: int, defect: str) -> np.ndarray:
+def defect_mask(rng: np.random.Generator, size: int, defect: str) -> np.ndarray:
     """Where a defect of this type lands: a boolean mask of the changed pixels."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = rng.uniform(0.3, 0.7, 2) * size
@@ -97,7 +97,9 @@ def _apply_defect(img: Canvas, mask: np.ndarray, defect: str, rng: np.random.Gen
     return out
 
 
-def _rng(seed: int, *keys: str | int) -> np.random.Generator:
+def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
+    """The generator of one image: independent of every other image (public, like ``defect_mask``
+    and ``to_uint8``, so a test can redraw an image without its defect)."""
     entropy = [seed] + [zlib.crc32(str(k).encode()) for k in keys]
     return np.random.default_rng(entropy)
 
@@ -107,7 +109,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path, format="PNG")
 
 
-def _to_uint8(img: Canvas) -> np.ndarray:
+def to_uint8(img: Canvas) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -160,14 +162,14 @@ def _draw_category(
 ) -> None:
     draw = PATTERNS[category]
     for i in range(n_train):
-        _save(cat_dir / "train" / "good" / f"{i:03d}.png", _to_uint8(draw(_rng(seed, category, "train", i), size)))
+        _save(cat_dir / "train" / "good" / f"{i:03d}.png", to_uint8(draw(rng_for(seed, category, "train", i), size)))
     for i in range(n_good):
-        _save(cat_dir / "test" / "good" / f"{i:03d}.png", _to_uint8(draw(_rng(seed, category, "test", i), size)))
+        _save(cat_dir / "test" / "good" / f"{i:03d}.png", to_uint8(draw(rng_for(seed, category, "test", i), size)))
     for j in range(n_defect):
         defect = DEFECTS[j % len(DEFECTS)]
-        rng = _rng(seed, category, "defect", j)
-        mask = _defect_mask(rng, size, defect)
+        rng = rng_for(seed, category, "defect", j)
+        mask = defect_mask(rng, size, defect)
         img = _apply_defect(draw(rng, size), mask, defect, rng)
         stem = f"{j // len(DEFECTS):03d}"
-        _save(cat_dir / "test" / defect / f"{stem}.png", _to_uint8(img))
+        _save(cat_dir / "test" / defect / f"{stem}.png", to_uint8(img))
         _save(cat_dir / "ground_truth" / defect / f"{stem}_mask.png", mask.astype(np.uint8) * 255)

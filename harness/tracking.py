@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from harness.check import flatten
 from harness.errors import HarnessError
+from harness.formatting import flatten, run_name
 from harness.fsutil import atomic_write_bytes
 from harness.hashing import stable_hash
-from harness.spec import ExperimentSpec, WandbSpec, config_label
+from harness.record import RunRecord
+from harness.spec import ExperimentSpec, WandbSpec
 from harness.store import ResultsStore
 
 MODES = ("offline", "online", "disabled")
@@ -67,45 +68,36 @@ def open_tracker(spec: ExperimentSpec, results: Path, out: TextIO = sys.stdout) 
     return WandbTracker(spec.tracking.wandb.project, spec.tracking.wandb.entity, mode, spec.name, results, out)
 
 
-def run_name(record: dict[str, Any]) -> str:
-    """``patchcore/bottle/seed3/r1``; a trial is named by its sampled values."""
-    base = f"{record['model']}/{record['category']}"
-    role = record.get("role", "run")
-    if role == "trial":
-        return f"{base}/trial/{config_label((record.get('selection') or {}).get('config', {}))}"
-    name = f"{base}/seed{record['seed']}/r{record['repeat']}"
-    return f"{name}/best" if role == "best" else name
-
-
-def run_config(record: dict[str, Any]) -> dict[str, Any]:
+def run_config(record: RunRecord) -> dict[str, Any]:
     """What defines the run, one level deep: the W&B filters and parallel coordinates read it."""
-    config = {k: record.get(k) for k in ("sweep", "study", "model", "category", "seed", "repeat", "role")}
-    config["data.root"] = record["data"]["root"]
-    config.update(flatten(record["params"]))
-    config.update(flatten(record.get("selection") or {}, "selection."))
-    config.update(flatten(record.get("environment") or {}, "environment."))
+    config: dict[str, Any] = {k: getattr(record, k) for k in ("sweep", "study", "model", "category", "seed")}
+    config.update(repeat=record.repeat, role=record.role)
+    config["data.root"] = record.data.root
+    config.update(flatten(record.params))
+    config.update(flatten(record.selection or {}, "selection."))
+    config.update(flatten(record.environment, "environment."))
     return config
 
 
-def run_summary(record: dict[str, Any]) -> dict[str, Any]:
+def run_summary(record: RunRecord) -> dict[str, Any]:
     """Metrics, timing and memory, as W&B's run table and charts show them."""
-    summary: dict[str, Any] = {k: v for k, v in record["metrics"].items() if v is not None}
-    summary["status"] = record["status"]
-    if record.get("error"):
-        summary["error"] = record["error"].splitlines()[0]
-    parts = {"timing": record["timing"], "memory": record["memory"]}
-    parts["data"] = {k: record["data"][k] for k in ("n_train", "n_test")}
-    if record.get("validation"):
-        parts["validation"] = {k: v for k, v in record["validation"].items() if k != "curve"}
+    summary: dict[str, Any] = {k: v for k, v in record.metrics.items() if v is not None}
+    summary["status"] = record.status
+    if record.error:
+        summary["error"] = record.first_error_line()
+    doc = record.to_builtins()
+    parts = {"timing": doc["timing"], "memory": doc["memory"]}
+    parts["data"] = {k: doc["data"][k] for k in ("n_train", "n_test")}
+    if doc.get("validation"):
+        parts["validation"] = {k: v for k, v in doc["validation"].items() if k != "curve"}
     summary.update({k: v for k, v in flatten(parts).items() if v is not None})
     return summary
 
 
-def run_tags(record: dict[str, Any]) -> list[str]:
-    hardware = (record.get("environment") or {}).get("hardware_id")
-    tags = [record["category"], f"seed{record['seed']}", record.get("role", "run")]
-    tags += [f"hw-{hardware}"] if hardware else []
-    tags += ["failed"] if record["status"] == "failed" else []
+def run_tags(record: RunRecord) -> list[str]:
+    tags = [record.category, f"seed{record.seed}", record.role]
+    tags += [f"hw-{record.hardware_id}"] if record.hardware_id else []
+    tags += ["failed"] if not record.ok else []
     return [t[:64] for t in tags]  # W&B's limit
 
 
@@ -130,7 +122,7 @@ class WandbTracker:
     out: TextIO = sys.stdout
     logged: int = 0
     failure: str | None = None
-    _queue: queue.Queue[tuple[dict[str, Any], Path] | None] = field(default_factory=queue.Queue, repr=False)
+    _queue: queue.Queue[tuple[RunRecord, Path] | None] = field(default_factory=queue.Queue, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -140,9 +132,9 @@ class WandbTracker:
     def attach(self, store: ResultsStore) -> None:
         store.observers.append(self.log)
 
-    def log(self, record: dict[str, Any], path: Path) -> None:
+    def log(self, record: RunRecord, path: Path) -> None:
         """Queue one stored record for W&B (a store observer: it returns at once)."""
-        if self.failure is None and record["sweep"] == self.sweep:
+        if self.failure is None and record.sweep == self.sweep:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drain, name="wandb-tracker", daemon=True)
                 self._thread.start()
@@ -247,25 +239,27 @@ class WandbTracker:
             **kwargs,
         )
 
-    def _log_run(self, record: dict[str, Any], path: Path) -> None:
+    def _log_run(self, record: RunRecord, path: Path) -> None:
         run = self._init(
-            id=record["run_id"],
-            job_type=record["model"],
+            id=record.run_id,
+            job_type=record.model,
             name=run_name(record),
             config=run_config(record),
             tags=run_tags(record),
         )
         try:
             # An HPO trial's validation curve, epoch by epoch, as Tune saw it.
-            for point in (record.get("validation") or {}).get("curve", []):
-                run.log({k: v for k, v in point.items() if k != "epoch" and v is not None}, step=int(point["epoch"]))
+            for point in record.validation.curve if record.validation else []:
+                run.log(
+                    {k: v for k, v in point.items() if k != "epoch" and v is not None}, step=int(point["epoch"] or 0)
+                )
             run.summary.update(run_summary(record))
             copy = Path(run.dir) / path.name  # a copy in the run's files: later writes cannot change it
             shutil.copyfile(path, copy)
             run.save(str(copy), base_path=run.dir, policy="now")
         finally:
-            run.finish(exit_code=0 if record["status"] == "ok" else 1)
-        atomic_write_bytes(self._ledger(record["run_id"]), b"")  # its mtime is what counts
+            run.finish(exit_code=0 if record.ok else 1)
+        atomic_write_bytes(self._ledger(record.run_id), b"")  # its mtime is what counts
         self.logged += 1
 
     def _log_summary(self) -> str | None:

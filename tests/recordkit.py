@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.hashing import stable_hash
+from harness.record import RunRecord
 
 ENV = {
     "anomalib": "2.7.0",
@@ -58,6 +59,15 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 
 LABELS = [0, 0, 0, 0, 1, 1, 1, 1]
+# A trial's validation block, curve to be filled in.
+VALIDATION: dict[str, Any] = {
+    "split": "synthetic",
+    "ratio": 0.5,
+    "n_val": 16,
+    "n_val_anomalous": 8,
+    "curve": [],
+    "stopped_early": False,
+}
 
 
 def scores_for(auroc_like: float, n: int = len(LABELS)) -> list[float]:
@@ -139,9 +149,15 @@ def make_record(
         "node_id": None,
         "validation": None,
         "selection": None,
+        "features": None,
     }
     record.update(extra)
     return record
+
+
+def typed(record: dict[str, Any]) -> RunRecord:
+    """A hand-built record as the harness passes it around (what ``ResultsStore.put`` takes)."""
+    return RunRecord.from_builtins(record)
 
 
 def write_records(root: Path, records: list[dict[str, Any]]) -> Path:

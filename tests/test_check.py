@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap
 
-from harness.check import BOOTSTRAP_SEED, N_RESAMPLES, check
+from harness.check import check
+from harness.check.stats import BOOTSTRAP_SEED, N_RESAMPLES
 from harness.cli import main
-from tests.recordkit import GPU_ENV, make_record, scores_for, write_records
+from tests.recordkit import GPU_ENV, VALIDATION, make_record, scores_for, write_records
 
 AUROCS = [0.80, 0.82, 0.84, 0.86, 0.88]
 
@@ -67,7 +68,7 @@ def test_an_interval_does_not_depend_on_the_rest_of_the_store(tmp_path: Path) ->
 
 def test_an_interval_is_the_same_alone_and_among_thousands_of_rows() -> None:
     """Rows go to scipy in chunks of 512 with a batch size that depends on the chunk: no effect."""
-    from harness.check import Stat, bootstrap_means
+    from harness.check.stats import Stat, bootstrap_means
 
     rng = np.random.default_rng(7)
     alone = Stat(np.array(AUROCS), np.arange(5))
@@ -127,6 +128,8 @@ def test_without_repeats_determinism_is_untested(tmp_path: Path, capsys: pytest.
     _, doc = check_json(tmp_path, capsys=capsys)
     assert only_group(doc)["determinism"]["verdict"] == "untested"
     assert doc["determinism"] == {"bitwise": 0, "within_tolerance": 0, "diverged": 0, "untested": 1}
+    main(["check", str(tmp_path)])
+    assert "untested (no repeats; set repeats: 2)" in capsys.readouterr().out  # and how to test it
 
 
 def test_a_planted_cross_hardware_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -211,8 +214,8 @@ def test_failed_runs_are_counted_and_named_never_averaged(tmp_path: Path, capsys
     assert doc["records"] == {"files": 4, "ok": 3, "failed": 1, "trials": 0, "malformed": 0}
     assert main(["check", str(tmp_path)]) == 0
     assert (
-        f"seed 3 repeat 0: OutOfMemoryError: CUDA out of memory (at run.py:301) (s1/runs/{failed['run_id']}.json)"
-        in (capsys.readouterr().out)
+        f"patchcore disc seed=3 r0 in s1/patchcore: OutOfMemoryError: CUDA out of memory (at run.py:301) "
+        f"(s1/runs/{failed['run_id']}.json)" in (capsys.readouterr().out)
     )
 
 
@@ -267,7 +270,9 @@ def test_trials_stay_out_of_the_groups_and_feed_the_search_summary(
         trial = make_record(model="ganomaly", sweep="hpo", repeat=i, role="trial", study="hpo")
         curve = [{"epoch": 1, "val_image_AUROC": 0.5}, {"epoch": 2, "val_image_AUROC": val}][: 1 if stopped else 2]
         trial.update(
-            metrics={"val_image_AUROC": val}, predictions=None, validation={"curve": curve, "stopped_early": stopped}
+            metrics={"val_image_AUROC": val},
+            predictions=None,
+            validation={**VALIDATION, "curve": curve, "stopped_early": stopped},
         )
         trials.append(trial)
     selection = {"metric": "val_image_AUROC", "mode": "max", "value": 0.7, "trial_run_id": trials[1]["run_id"]}
@@ -311,14 +316,13 @@ def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.Ca
     records = [*seeds_of(AUROCS), make_record(repeat=1, scores=planted), make_record(seed=7, status="failed")]
     records += seeds_of(AUROCS, env=GPU_ENV) + seeds_of(AUROCS, sweep="b", model="ganomaly")
     trial = make_record(model="ganomaly", sweep="b", role="trial", study="hpo")
-    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation={"curve": []})
+    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation=VALIDATION)
     best = seeds_of(AUROCS[:1], model="ganomaly", sweep="b", role="best", selection={"metric": "val_image_AUROC"})
     write_records(tmp_path, [*records, trial, *best])
     _, doc = check_json(tmp_path, capsys=capsys)
     assert set(doc) == JSON_KEYS
     assert {k for g in doc["groups"] for k in g} == GROUP_KEYS
-    json_section = (Path(__file__).parent.parent / "README.md").read_text().split("`--json` prints one document")[1]
-    json_section = json_section.split("### `harness report")[0]
+    json_section = (Path(__file__).parent.parent / "docs" / "check-json.md").read_text()
     for key in JSON_KEYS | GROUP_KEYS:
         assert f"`{key}`" in json_section, key
     everything = nested_keys(doc)
@@ -442,7 +446,7 @@ def test_a_store_of_malformed_records_only_is_an_error(tmp_path: Path, capsys: p
 
 def test_a_store_of_trials_only_checks_with_no_test_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trial = make_record(model="ganomaly", role="trial", study="hpo")
-    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation={"curve": []})
+    trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation=VALIDATION)
     write_records(tmp_path, [trial])
     assert main(["check", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -474,10 +478,11 @@ def test_large_stores_are_read_in_worker_processes_with_the_same_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import harness.check as checker
+    import harness.check.load
 
     write_records(tmp_path, seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1) + seeds_of(AUROCS, category="weave"))
     (tmp_path / "s1" / "runs" / "zzzz.json").write_text("{")
     serial = checker.check(tmp_path).to_json()
-    monkeypatch.setattr(checker, "_PARALLEL_MIN_FILES", 2)
+    monkeypatch.setattr(harness.check.load, "PARALLEL_MIN_FILES", 2)
     assert checker.check(tmp_path).to_json() == serial
     assert serial["records"]["malformed"] == 1

@@ -165,7 +165,7 @@ def test_run_cli_equals_the_library_call(model: str, synth_root: Path, tmp_path:
     out = run_disc(model, synth_root, tmp_path / "r", "--seed", "3", *sets)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
-    assert line.startswith(f"{model} disc seed=3 repeat=0: image_AUROC=")
+    assert line.startswith(f"{model} disc seed=3 r0: image_AUROC=")
     assert "\n" not in line
     path = Path(line.rsplit(" -> ", 1)[1])
     doc = json.loads(path.read_text())
@@ -191,7 +191,7 @@ def test_failed_run_exits_1_and_is_stored(synth_root: Path, tmp_path: Path) -> N
         "model_args.coreset_sampling_ratio=0.0001",
     )
     assert out.returncode == 1
-    assert out.stdout.startswith("FAILED patchcore disc seed=0 repeat=0: ValueError: coreset_size")
+    assert out.stdout.startswith("FAILED patchcore disc seed=0 r0: ValueError: coreset_size")
     (record,) = tmp_path.glob("test/runs/*.json")
     assert json.loads(record.read_text())["status"] == "failed"
 

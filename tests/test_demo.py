@@ -119,13 +119,16 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     assert sorted(c["category"] for c in doc["comparisons"]) == sorted(CATEGORIES)
     assert len(doc["searches"]) == 3
 
-    # the report, and the committed one is that report (same sections and rows; numbers may move)
-    report = (tmp_path / "reports" / "demo.md").read_text()
+    # the report, under --out like everything else, and the committed one is that report (same
+    # sections and rows; numbers may move)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], "the demo wrote outside --out"
+    reports = out / "reports"
+    report = (reports / "demo.md").read_text()
     assert "from 48 records" in report
     plots = re.findall(r"!\[[^]]*\]\((demo/[^)]+\.png)\)", report)
     assert plots
-    assert all((tmp_path / "reports" / p).stat().st_size > 1000 for p in plots)
-    assert sorted(p.name for p in (tmp_path / "reports" / "demo").iterdir()) == sorted(Path(p).name for p in plots)
+    assert all((reports / p).stat().st_size > 1000 for p in plots)
+    assert sorted(p.name for p in (reports / "demo").iterdir()) == sorted(Path(p).name for p in plots)
     committed = (REPO / "reports" / "demo.md").read_text()
     assert _skeleton(committed) == _skeleton(report)
     assert sorted(p.name for p in (REPO / "reports" / "demo").iterdir()) == sorted(Path(p).name for p in plots)
@@ -151,7 +154,15 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     assert stages == [1, 2, 3, 4, 5]
     assert stdout.count("by hand: harness ") == 5
     assert re.search(r"^\[18/18 done, 0 failed", stdout, re.M)  # live progress, run by run
-    assert re.search(r"^== done in \d+m\d\ds: report reports/demo\.md$", stdout, re.M)
+    first = re.search(r"^\[1/18 done[^]]*\]", stdout, re.M)
+    assert first
+    assert "eta" not in first.group(), "an ETA before it can mean anything"
+    assert re.search(r"^\[\d+/18 done, 0 failed, 0 already stored, eta \d+m\d\ds\]", stdout, re.M)
+    # the seconds with nothing to show are said: the cluster starting, workers importing
+    assert "starting a local Ray cluster (this machine only, on loopback; stopped at the end)" in stdout
+    assert re.search(r"^\[0/18 done, 0 failed, 0 already stored\] a worker on node \w+ is importing", stdout, re.M)
+    assert "Ray Tune is starting its trials" in stdout
+    assert re.search(rf"^== done in \d+m\d\ds: report {out.name}/reports/demo\.md$", stdout, re.M)
     for g in groups.values():  # the headline table
         assert re.search(rf"^{g['category']} +{re.escape(g['label'])} +3 ", stdout, re.M)
     assert "experiments/patchcore_seeds.yaml --set data.root=datasets/MVTecAD" in stdout

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.fsutil import atomic_write_bytes, atomic_write_json
+from harness.fsutil import atomic_write_bytes
+from harness.record import encode_record
 from harness.store import ResultsStore
+from tests.recordkit import make_record, typed
 
 
 def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b.json"
-    atomic_write_json(path, {"b": 1, "a": [1.5]})
-    assert path.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+    atomic_write_bytes(path, b"{}")
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
@@ -36,16 +37,30 @@ def test_a_write_that_dies_before_the_rename_leaves_the_old_file_and_no_temp(
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_nan_is_refused_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Out of range float"):
-        atomic_write_json(tmp_path / "r.json", {"x": float("nan")})
+def test_a_record_file_has_sorted_keys_and_equal_records_equal_bytes() -> None:
+    data = encode_record(typed(make_record()))
+    assert data == encode_record(typed(make_record()))
+    assert data.startswith(b'{\n  "category": "disc",\n  "data": {\n')
+    assert data.endswith(b"}\n")
+
+
+@pytest.mark.parametrize("where", ["score", "metric"])
+def test_nan_is_refused_before_anything_is_written(tmp_path: Path, where: str) -> None:
+    doc = make_record()
+    if where == "score":
+        doc["predictions"]["image_scores"][0] = float("nan")
+    else:
+        doc["metrics"]["image_AUROC"] = float("nan")
+    with pytest.raises(ValueError, match="not a finite number"):
+        ResultsStore(tmp_path).put(typed(doc))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_store_skips_unfinished_temp_files(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path)
-    store.put({"sweep": "s", "run_id": "abc", "status": "ok"})
+    record = typed(make_record(sweep="s"))
+    store.put(record)
     (tmp_path / "s" / "runs" / ".def.json.x1y2.tmp").write_text('{"half":')
-    assert [p.name for p in store.paths()] == ["abc.json"]
-    assert store.get("s", "abc") == {"run_id": "abc", "status": "ok", "sweep": "s"}
+    assert [p.name for p in store.paths()] == [f"{record.run_id}.json"]
+    assert store.get("s", record.run_id) == record
     assert store.get("s", "nope") is None

@@ -171,9 +171,9 @@ def interpolate(node: Any) -> Any:
     return re.sub(pattern, lambda m: f"<{m.group(1)}>" if m.group(2) is None else m.group(2), node)
 
 
-def readme_commands(section: str) -> list[list[str]]:
-    """The shell commands of a README section's code blocks, continuation lines joined."""
-    text = (REPO / "README.md").read_text()
+def doc_commands(path: Path, section: str) -> list[list[str]]:
+    """The shell commands of a docs page section's ```bash blocks, continuation lines joined."""
+    text = path.read_text()
     body = text.split(f"\n{section}\n", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", body, re.S):
@@ -183,9 +183,9 @@ def readme_commands(section: str) -> list[list[str]]:
     return commands
 
 
-def test_readme_cluster_commands_are_real_harness_and_ray_commands() -> None:
+def test_cluster_doc_commands_are_real_harness_and_ray_commands() -> None:
     harness = ray = 0
-    for argv in readme_commands("## Run on a cluster"):
+    for argv in doc_commands(REPO / "docs" / "cluster.md", "## Run on a cluster"):
         if "harness" in argv:
             sub = argv[argv.index("harness") :]
             if sub[1] == "sweep":

@@ -14,7 +14,7 @@ from PIL import Image
 from harness.check import check
 from harness.cli import execute_run, main
 from harness.report import MVTEC_TEST_IMAGES, write_report
-from tests.recordkit import GPU_ENV, make_record, write_records
+from tests.recordkit import GPU_ENV, VALIDATION, make_record, write_records
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,8 @@ def fixed_store(root: Path) -> Path:
     for i, val in enumerate([0.6, 0.7, 0.4]):
         t = make_record(sweep="hpo", model="ganomaly", study="hpo", role="trial", repeat=i)
         t.update(metrics={"val_image_AUROC": val}, predictions=None)
-        t["validation"] = {"curve": [{"epoch": 1, "val_image_AUROC": 0.5}, {"epoch": 2, "val_image_AUROC": val}]}
+        curve = [{"epoch": 1, "val_image_AUROC": 0.5}, {"epoch": 2, "val_image_AUROC": val}]
+        t["validation"] = {**VALIDATION, "curve": curve}
         trials.append(t)
     selection = {"metric": "val_image_AUROC", "mode": "max", "value": 0.7, "trial_run_id": trials[1]["run_id"]}
     selection |= {"config": {"model_args.lr": 0.001}, "rule": "max of last-epoch val_image_AUROC among finished trials"}

@@ -14,7 +14,7 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from harness.evaluate import collect, compute_metrics
 from harness.models.patchcore import PatchcoreArgs
-from harness.record import RunRecord
+from harness.record import decode_record
 from harness.run import fit_and_predict, run_one
 from harness.store import ResultsStore
 from tests.conftest import folder_layout, make_run_spec
@@ -62,7 +62,7 @@ REQUIRED_ENV = {
 @pytest.mark.parametrize("model", MODELS)
 def test_record_is_complete_and_stored_atomically(model: str, synth_root: Path, tmp_path: Path) -> None:
     record = run_one(make_run_spec(model, synth_root))
-    doc = record.to_json()
+    doc = record.to_builtins()
     assert doc["status"] == "ok", doc["error"]
     assert doc.keys() >= REQUIRED
     assert doc["environment"].keys() >= REQUIRED_ENV
@@ -86,19 +86,16 @@ def test_record_is_complete_and_stored_atomically(model: str, synth_root: Path, 
         assert 0 <= doc["metrics"]["pixel_AUROC"] <= 1
         assert pred["maps_sha256"]
     store = ResultsStore(tmp_path / "results")
-    path = store.put(doc)
+    path = store.put(record)
     assert path == tmp_path / "results" / "test" / "runs" / f"{doc['run_id']}.json"
-    RunRecord.model_validate(_strip_schema(json.loads(path.read_text())))
+    assert decode_record(path.read_bytes()) == record  # read back with the schema it was written with
+    assert json.loads(path.read_text()) == doc
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temp file left behind"
-
-
-def _strip_schema(doc: dict) -> dict:
-    return {k: v for k, v in doc.items() if k != "schema"}
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_image_auroc_recomputes_from_stored_scores(model: str, synth_root: Path) -> None:
-    doc = run_one(make_run_spec(model, synth_root, category="weave")).to_json()
+    doc = run_one(make_run_spec(model, synth_root, category="weave")).to_builtins()
     pred = doc["predictions"]
     expected = roc_auc_score(pred["labels"], pred["image_scores"])
     assert abs(doc["metrics"]["image_AUROC"] - expected) < 1e-6
@@ -232,7 +229,7 @@ def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tm
     and the draws for them leave the trial's own RNG streams untouched."""
 
     from harness.datasets import build_datamodule
-    from harness.run import _build_validation_split
+    from harness.run import build_validation_split
     from harness.spec import ValidationSpec
 
     spec = make_run_spec("ganomaly", synth_root)
@@ -245,7 +242,7 @@ def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tm
         before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
         datamodule = build_datamodule(spec.data, "disc", ValidationSpec())
         (tmp_path / str(draws)).mkdir()
-        _build_validation_split(datamodule, tmp_path / str(draws))
+        build_validation_split(datamodule, tmp_path / str(draws))
         assert torch.equal(torch.random.get_rng_state(), before[0])
         assert np.array_equal(np.random.get_state()[1], before[1])
         val = [datamodule.val_data[i] for i in range(len(datamodule.val_data))]

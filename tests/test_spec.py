@@ -169,7 +169,7 @@ def test_hpo_keys_belong_to_hpo_studies() -> None:
 
 
 def test_a_searched_config_is_applied_to_the_run() -> None:
-    from harness.sweep import trial_spec
+    from harness.sweep.worker import trial_spec
 
     spec = validate_spec(HPO)
     best = with_config(spec, {"model_args.lr": 1e-4, "data.train_batch_size": 6})

@@ -418,21 +418,21 @@ def test_searchers_are_seeded_and_named_ones_need_their_package() -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     from harness.errors import HarnessError
-    from harness.sweep import _max_epochs, _searcher
+    from harness.sweep.search import max_epochs, searcher
 
     hpo = load_spec(REPO / "experiments" / "ganomaly_hpo.yaml")
-    assert isinstance(_searcher(hpo), BasicVariantGenerator)
-    assert isinstance(_searcher(hpo.model_copy(update={"search": "optuna"})), OptunaSearch)
+    assert isinstance(searcher(hpo), BasicVariantGenerator)
+    assert isinstance(searcher(hpo.model_copy(update={"search": "optuna"})), OptunaSearch)
     try:
         import hyperopt  # noqa: F401
     except ImportError:
         with pytest.raises(HarnessError, match="search: hyperopt needs its package"):
-            _searcher(hpo.model_copy(update={"search": "hyperopt"}))
+            searcher(hpo.model_copy(update={"search": "hyperopt"}))
     else:
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        assert isinstance(_searcher(hpo.model_copy(update={"search": "hyperopt"})), HyperOptSearch)
-    assert _max_epochs(hpo) == 40  # ASHA's last rung: the most epochs a trial can be given
+        assert isinstance(searcher(hpo.model_copy(update={"search": "hyperopt"})), HyperOptSearch)
+    assert max_epochs(hpo) == 40  # ASHA's last rung: the most epochs a trial can be given
 
 
 def test_pixel_metrics_need_a_model_with_maps(tmp_path: Path) -> None:
@@ -442,20 +442,25 @@ def test_pixel_metrics_need_a_model_with_maps(tmp_path: Path) -> None:
     assert "metric: ganomaly makes no anomaly maps" in out.stderr
 
 
-def test_a_cluster_inside_an_open_one_is_that_one_or_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cluster_inside_an_open_one_is_that_one_or_an_error(ray_tmp: Path) -> None:
     """The demo runs both studies on one local cluster; joining another meanwhile is refused."""
     import ray
 
-    from harness import sweep as sweep_mod
     from harness.errors import HarnessError
+    from harness.sweep import cluster, held
 
-    monkeypatch.setattr(sweep_mod, "_open", [None])  # as inside `with cluster(None):`
-    with sweep_mod.cluster(None):
-        assert not ray.is_initialized()  # no second cluster was started
-    held = "already holds a local Ray cluster; it cannot also join 127.0.0.1:1"
-    with pytest.raises(HarnessError, match=re.escape(held)), sweep_mod.cluster("127.0.0.1:1"):
-        pass
-    assert sweep_mod._open == [None]
+    with cluster(None):
+        context = ray.get_runtime_context().get_node_id()
+        with cluster(None):
+            assert ray.get_runtime_context().get_node_id() == context  # no second cluster was started
+            assert held() == [None]
+        assert ray.is_initialized()  # the inner one did not stop the outer one's cluster
+        message = "already holds a local Ray cluster; it cannot also join 127.0.0.1:1"
+        with pytest.raises(HarnessError, match=re.escape(message)), cluster("127.0.0.1:1"):
+            pass
+        assert held() == [None]
+    assert held() == []
+    assert not ray.is_initialized()
 
 
 def test_an_address_nothing_answers_on_is_one_line(tmp_path: Path, synth_root: Path) -> None:

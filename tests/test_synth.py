@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.synth import DEFECTS, PATTERNS, _defect_mask, _rng, _to_uint8, synth
+from harness.synth import DEFECTS, PATTERNS, defect_mask, rng_for, synth, to_uint8
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -62,9 +62,9 @@ def test_masks_are_exactly_the_changed_pixels(tmp_path: Path, category: str) -> 
     for j in range(6):
         defect = DEFECTS[j % 3]
         stem = f"{j // 3:03d}"
-        rng = _rng(3, category, "defect", j)
-        expected_mask = _defect_mask(rng, 64, defect)
-        clean = _to_uint8(PATTERNS[category](rng, 64))
+        rng = rng_for(3, category, "defect", j)
+        expected_mask = defect_mask(rng, 64, defect)
+        clean = to_uint8(PATTERNS[category](rng, 64))
         img = np.asarray(Image.open(tmp_path / category / "test" / defect / f"{stem}.png"))
         mask = np.asarray(Image.open(tmp_path / category / "ground_truth" / defect / f"{stem}_mask.png")) > 0
         np.testing.assert_array_equal(mask, expected_mask)

@@ -24,7 +24,7 @@ from harness.report import STABILITY_COLUMNS, StabilityReport
 from harness.spec import WandbSpec, validate_spec
 from harness.store import ResultsStore
 from harness.tracking import WandbTracker, open_tracker, wandb_mode
-from tests.recordkit import make_record, write_records
+from tests.recordkit import make_record, typed, write_records
 from tests.test_sweep import SMOKE_HPO, records, sweep_cli, write_spec
 from tests.wandbkit import OfflineRun, offline_runs
 
@@ -97,7 +97,7 @@ def test_each_stored_record_is_one_wandb_run_and_the_summary_run_holds_the_table
     for rec in [*study, failed]:
         run = one_run(runs, rec["run_id"])
         assert (run.project, run.group, run.job_type) == ("ad-test", "s1", "patchcore")
-        assert run.name == f"patchcore/disc/seed{rec['seed']}/r{rec['repeat']}"
+        assert run.name == f"patchcore disc seed={rec['seed']} r{rec['repeat']}"  # as progress names it
         assert {"disc", f"seed{rec['seed']}", "run", "hw-cpu-epyc-2t"} <= set(run.tags)
         assert run.config["seed"] == rec["seed"]
         assert run.config["repeat"] == rec["repeat"]
@@ -127,7 +127,7 @@ def test_each_stored_record_is_one_wandb_run_and_the_summary_run_holds_the_table
     for rec in trials:
         run = one_run(runs, rec["run_id"])
         lr = rec["selection"]["config"]["model_args.lr"]
-        assert run.name == f"ganomaly/disc/trial/lr={lr:.3g}"
+        assert run.name == f"ganomaly disc trial lr={lr:.3g}"
         assert run.config["model_args.lr"] == lr
         assert run.config["selection.config.model_args.lr"] == lr
         curve = rec["validation"]["curve"]
@@ -170,7 +170,7 @@ def test_the_ledger_logs_each_record_once_and_again_when_it_changes(tmp_path: Pa
     assert rerun["run_id"] == recs[1]["run_id"]
     third = tracker(root)
     third.attach(store)
-    store.put(rerun)  # queued by the observer, logged by the tracker's thread
+    store.put(typed(rerun))  # queued by the observer, logged by the tracker's thread
     third.finish(store, summary=False)
     assert third.logged == 1
     runs = offline_runs(root / "s1" / "wandb")
@@ -267,7 +267,7 @@ def test_a_wandb_failure_is_said_once_and_loses_no_record(
     t.attach(store)
     recs = [make_record(seed=s) for s in range(3)]
     t0 = time.monotonic()
-    paths = [store.put(r) for r in recs]  # queued: W&B works on the first while the driver goes on
+    paths = [store.put(typed(r)) for r in recs]  # queued: W&B works on the first while the driver goes on
     assert time.monotonic() - t0 < 4  # well inside the 8 s W&B waits for the server
     assert t.failure is None
     t.finish(store)
@@ -371,7 +371,7 @@ def test_harness_run_survives_an_unreachable_wandb_server(
     assert rec["status"] == "ok"
     assert out.stderr.count("W&B: online logging failed") == 1, out.stderr
     assert FAKE_KEY not in out.stdout + out.stderr
-    assert "patchcore disc seed=0 repeat=0: image_AUROC=" in out.stdout
+    assert "patchcore disc seed=0 r0: image_AUROC=" in out.stdout
 
 
 def test_a_store_with_a_tracker_pickles_without_it(tmp_path: Path) -> None:

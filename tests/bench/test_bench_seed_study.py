@@ -82,7 +82,7 @@ def plain_study(root: Path, weights: Path, size: int, seeds: list[int]) -> list[
     from harness.datasets import build_datamodule
     from harness.evaluate import collect
     from harness.models.patchcore import load_backbone_weights
-    from harness.run import _pre_processor
+    from harness.run import pre_processor
     from harness.spec import DataSpec
 
     data = DataSpec(root=str(root), categories=["disc"], image_size=size)
@@ -96,7 +96,7 @@ def plain_study(root: Path, weights: Path, size: int, seeds: list[int]) -> list[
             layers=["layer2", "layer3"],
             pre_trained=False,
             coreset_sampling_ratio=0.1,
-            pre_processor=_pre_processor(size),
+            pre_processor=pre_processor(size),
             post_processor=PostProcessor(enable_normalization=False),
             evaluator=False,
             visualizer=False,
@@ -197,10 +197,12 @@ def _sampler_in_subprocess(kind: str, features: Path, malloc: bool) -> dict[str,
         "print(json.dumps({'s': time.perf_counter() - t, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
         " * 1024, 'indices': hashlib.sha256(json.dumps(i).encode()).hexdigest()}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    from harness.malloc import MALLOC_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     env["TQDM_DISABLE"] = "1"
     if malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+        env.update(MALLOC_ENV)
     out = subprocess.run(
         [sys.executable, "-c", code, str(features), kind], capture_output=True, text=True, timeout=7200, env=env
     )
@@ -220,14 +222,14 @@ def test_coreset_against_anomalib(benchmark: Any, tmp_path: Path, size: int) -> 
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
     from PIL import Image
 
-    from harness.run import _pre_processor
+    from harness.run import pre_processor
 
     root = make_data(tmp_path / "data", N_TRAIN, size)
     torch.manual_seed(0)
     model = PatchcoreModel(backbone="resnet18", layers=["layer2", "layer3"], pre_trained=False).train()
     paths = sorted((root / "disc" / "train" / "good").glob("*.png"))
     images = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255) for p in paths]
-    transform = _pre_processor(size).transform
+    transform = pre_processor(size).transform
     with torch.no_grad():
         for i in range(0, len(images), 16):
             model(torch.stack([transform(x.permute(2, 0, 1)) for x in images[i : i + 16]]))

@@ -1,0 +1,29 @@
+"""The reproducibility checker: verdicts from the results store alone.
+
+- ``load``: record files to ``Run``s (worker processes for large stores);
+- ``stats``: seed spread with bootstrap intervals, P(A>B), and the thresholds;
+- ``pairs``: determinism and cross-hardware verdicts on pairs of runs;
+- ``groups``: grouping, comparisons, searches, and ``check()`` itself;
+- ``summary``: the terminal table and the lines the report shares.
+"""
+
+from harness.check.groups import CHECK_SCHEMA, CheckReport, Comparison, Group, Search, check
+from harness.check.load import Run, Store, load_store
+from harness.check.pairs import DEFAULT_TOLERANCE
+from harness.check.stats import Stat
+from harness.check.summary import to_text
+
+__all__ = [
+    "CHECK_SCHEMA",
+    "DEFAULT_TOLERANCE",
+    "CheckReport",
+    "Comparison",
+    "Group",
+    "Run",
+    "Search",
+    "Stat",
+    "Store",
+    "check",
+    "load_store",
+    "to_text",
+]

@@ -1,0 +1,347 @@
+"""The stability report's markdown, section by section, from the checker's answer alone."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.check import CheckReport, Group, Run, Search, Stat
+from harness.check.stats import CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
+from harness.check.summary import determinism_cell, failed_lines, trial_counts
+from harness.formatting import GIB, fmt_ints, fmt_value, md_table, stat_cells
+from harness.report.plots import PLOTTED, search_plot, seed_plot
+from harness.report.references import MVTEC_TEST_IMAGES, REFERENCES, Reference
+from harness.report.reproduce import reproduce_commands
+
+STABILITY_COLUMNS = (
+    "model",
+    "category",
+    "seeds",
+    "image AUROC",
+    "image AUROC 95% CI",
+    "image AUROC min-max",
+    "image AUROC CV",
+    "pixel AUROC",
+    "pixel AUROC 95% CI",
+    "pixel AUROC min-max",
+    "pixel AUROC CV",
+    "determinism",
+    "fit s",
+    "peak RSS GiB",
+    "failed",
+)
+
+
+def _cost(g: Group) -> tuple[str, str]:
+    fit, rss = g.stats.get("fit_s"), g.stats.get("peak_rss_bytes")
+    return ("-" if fit is None else f"{fit.mean:.1f}", "-" if rss is None else f"{rss.mean / GIB:.2f}")
+
+
+def _mean_of(groups: list[Group], metric: str) -> Stat | None:
+    return mean_over_categories([g.stats[metric] for g in groups if metric in g.stats])
+
+
+@dataclass
+class StabilityReport:
+    """The report's content; ``render`` gives the markdown, ``plots`` the PNG bytes by name."""
+
+    check: CheckReport
+    command: str
+    name: str
+
+    def by_label(self) -> dict[str, list[Group]]:
+        out: dict[str, list[Group]] = defaultdict(list)
+        for g in self.check.groups:
+            if g.ok:
+                out[g.label].append(g)
+        return dict(sorted(out.items()))
+
+    def header(self) -> list[str]:
+        st = self.check.store
+        lines = [
+            f"# Stability report: {self.name}",
+            "",
+            f"Built by `{self.command}` from {st.n_files} records"
+            + (f" ({len(st.malformed)} malformed, skipped: see the end)" if st.malformed else "")
+            + ". The same store always gives the same report, byte for byte.",
+            "",
+            "## What was run",
+            "",
+        ]
+        by_sweep: dict[str, list[Run]] = defaultdict(list)
+        for r in st.runs:
+            by_sweep[r.sweep].append(r)
+        rows = []
+        for sweep, mine in sorted(by_sweep.items()):
+            tested = [r for r in mine if r.role != "trial"]
+            rows.append(
+                (
+                    f"`{sweep}`",
+                    ", ".join(sorted({r.model for r in mine})),
+                    ", ".join(sorted({r.category for r in mine})),
+                    fmt_ints(r.seed for r in tested),
+                    str(max((r.repeat for r in tested), default=-1) + 1),
+                    f"{sum(r.status == 'ok' for r in tested)} / {sum(r.status == 'failed' for r in tested)}",
+                    str(len(mine) - len(tested)),
+                    min(r.started_at for r in mine),
+                    max(r.finished_at for r in mine),
+                )
+            )
+        header = ("sweep", "models", "categories", "seeds", "repeats", "runs ok / failed", "search trials")
+        lines += md_table((*header, "first start", "last finish"), rows)
+        lines += ["", "Hardware (each `hardware_id` hashes device, GPU model, CPU model and threads):", ""]
+        lines += md_table(
+            ("hardware_id", "device", "GPU", "CPU", "threads", "torch", "CUDA", "anomalib", "hosts", "runs"),
+            self._hardware_rows(),
+        )
+        lines += ["", "To reproduce the test runs (one shell loop per sweep, model and configuration):", ""]
+        lines += ["```bash", *reproduce_commands(st), "```"]
+        return lines
+
+    def _hardware_rows(self) -> list[Sequence[str]]:
+        st = self.check.store
+        runs_by_hw: dict[str, list[Run]] = defaultdict(list)
+        for r in st.runs:
+            runs_by_hw[r.hardware_id].append(r)
+        rows: list[Sequence[str]] = []
+        for hw, runs in sorted(runs_by_hw.items()):
+            envs = [st.envs[e] for e in sorted({r.env_id for r in runs})]
+
+            def vals(key: str, envs: list[dict[str, Any]] = envs) -> str:
+                return ", ".join(sorted({"-" if e.get(key) is None else str(e.get(key)) for e in envs}))
+
+            keys = ("device", "gpu_name", "cpu_model", "threads", "torch", "cuda", "anomalib", "host")
+            rows.append((f"`{hw}`", *map(vals, keys), str(len(runs))))
+        return rows
+
+    def stability_rows(self) -> list[tuple[bool, tuple[str, ...]]]:
+        """The stability table's rows (``STABILITY_COLUMNS``), each flagged if it is a mean row."""
+        rows: list[tuple[bool, tuple[str, ...]]] = []
+        for label, groups in self.by_label().items():
+            for g in groups:
+                im, px = g.stats.get("image_AUROC"), g.stats.get("pixel_AUROC")
+                cells = (*stat_cells(im), *stat_cells(px), determinism_cell(g), *_cost(g), str(len(g.failed)))
+                rows.append((False, (label, g.category, str(len(g.seeds)), *cells)))
+            if len(groups) > 1:
+                im, px = means = [_mean_of(groups, m) for m in PLOTTED]
+                bootstrap_means(s for s in means if s is not None)
+                n_failed = str(sum(len(g.failed) for g in groups))
+                head = (label, f"mean of {len(groups)}", "-" if im is None else str(im.n))
+                rows.append((True, (*head, *stat_cells(im), *stat_cells(px), "", "", "", n_failed)))
+        return rows
+
+    def stability(self) -> list[str]:
+        lines = [
+            "## Stability over seeds",
+            "",
+            "One value per seed (repeats of a seed are averaged: they test determinism, not spread). "
+            f"{CONFIDENCE:.0%} CI: BCa bootstrap of the mean, seeded. CV: std / mean. "
+            "Failed runs are counted, never averaged in.",
+            "",
+        ]
+        header = [c.split(" AUROC ")[-1] for c in STABILITY_COLUMNS]  # "image AUROC CV" -> "CV"
+        rows = [tuple(f"**{c}**" for c in row[:2]) + row[2:] if mean else row for mean, row in self.stability_rows()]
+        lines += md_table(header, rows)
+        failed = failed_lines(self.check.groups)
+        if failed:
+            lines += ["", "Failed runs:", "", *(f"- {line}" for line in failed)]
+        singles = [g for g in self.check.groups if g.note]
+        if singles:
+            lines += ["", *(f"- {g.label} {g.category}: {g.note}" for g in singles)]
+        return lines
+
+    def references(self) -> list[str]:
+        rows = []
+        for label, groups in self.by_label().items():
+            for ref in REFERENCES:
+                rows += [(label, *c, ref.source) for c in self._reference_cells(groups, ref)]
+        if not rows:
+            return []
+        return [
+            "## Published numbers beside ours",
+            "",
+            "Single runs (one seed), so a point against our interval. Shown only where the model, backbone "
+            "and category match and the test split has MVTec AD's size.",
+            "",
+            *md_table(
+                ("model", "category", "metric", "ours: mean [95% CI]", "published", "inside our CI?", "source"), rows
+            ),
+        ]
+
+    def _reference_cells(self, groups: list[Group], ref: Reference) -> list[tuple[str, ...]]:
+        """Rows of one published table for one model's groups: per category, then the mean.
+
+        A number measured with another backbone is shown (the paper's is the one people quote)
+        but not held against our interval.
+        """
+        st = self.check.store
+        mine = [
+            g
+            for g in groups
+            if g.model == ref.model and ref.metric in g.stats and MVTEC_TEST_IMAGES.get(g.category) == g.ok[0].n_test
+        ]
+        backbones = {st.params[g.config_id].get("model_args", {}).get("backbone") for g in mine}
+        other = f"n/a: {ref.backbone} vs our {', '.join(sorted(map(str, backbones)))}"
+        unlike = "" if not ref.backbone or backbones == {ref.backbone} else other
+        out = [
+            _ref_row(g.category, ref, g.stats[ref.metric], ref.values[g.category], unlike)
+            for g in mine
+            if g.category in ref.values
+        ]
+        if len(mine) == len(MVTEC_TEST_IMAGES) and "mean" in ref.values:
+            mean = _mean_of(mine, ref.metric)
+            if mean is not None:
+                bootstrap_means([mean])
+                out.append(_ref_row("mean", ref, mean, ref.values["mean"], unlike))
+        return out
+
+    def determinism(self) -> list[str]:
+        pairs = [(g, p) for g in self.check.groups for p in g.determinism.pairs]
+        lines = ["## Determinism", ""]
+        if not pairs:
+            return [*lines, "No seed was repeated on the same hardware: determinism is untested (set `repeats: 2`)."]
+        bitwise = sum(p.verdict == "bitwise" for _, p in pairs)
+        lines.append(
+            f"{len(pairs)} pairs of same-seed repeats on the same hardware: {bitwise} bitwise identical "
+            f"(scores and maps); tolerance {self.check.tolerance:g} on each metric."
+        )
+        differing = [f"- {g.label} {g.category}: {ln}" for g in self.check.groups if (ln := g.determinism.summary())]
+        return lines + (["", *differing] if differing else [])
+
+    def cross_hardware(self) -> list[str]:
+        rows = []
+        for g in self.check.groups:
+            for c in g.cross_hardware:
+                deltas = c.deltas()
+
+                def delta(m: str, deltas: dict[str, Any] = deltas) -> str:
+                    d = deltas.get(m)
+                    return "-" if d is None else f"{d['mean']:+.4f} (max {d['max_abs']:.4f})"
+
+                ratio = c.delta_over_seed_std()
+                differs = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in c.fingerprint_diff().items())
+                rows.append(
+                    (
+                        g.label,
+                        g.category,
+                        f"`{c.hardware_a}` → `{c.hardware_b}`",
+                        str(len(c.pairs)),
+                        delta("image_AUROC"),
+                        delta("pixel_AUROC"),
+                        "-" if ratio is None else f"{ratio:.2f}",
+                        c.verdict,
+                        differs or "-",
+                    )
+                )
+        if not rows:
+            return []
+        header = ("model", "category", "hardware", "seeds", "Δ image AUROC", "Δ pixel AUROC", "|Δ| / seed std")
+        return [
+            "## Across hardware",
+            "",
+            "Same configuration and seed on different hardware (lowest repeat on each side); Δ = second - first.",
+            "",
+            *md_table((*header, "verdict", "what differs"), rows),
+        ]
+
+    def comparisons(self) -> list[str]:
+        if not self.check.comparisons:
+            return []
+        rows = [
+            (
+                c.category,
+                c.metric,
+                c.a.label,
+                c.b.label,
+                f"{c.a.stats[c.metric].n} / {c.b.stats[c.metric].n}",
+                f"{c.p:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]",
+                c.verdict,
+            )
+            for c in self.check.comparisons
+        ]
+        return [
+            "## Model comparison",
+            "",
+            "P(A>B): the chance that a seed of A scores above a seed of B (ties count half), with a seeded "
+            f"percentile bootstrap {CONFIDENCE:.0%} CI. `A better` when the CI is above 0.5 and P(A>B) ≥ "
+            f"{MEANINGFUL:g} (Bouthillier et al., MLSys 2021); `B better` the other way round; otherwise "
+            f"`within noise`; under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`. Only configurations "
+            "tested on the same data are compared.",
+            "",
+            *md_table(("category", "metric", "A", "B", "seeds A / B", "P(A>B) [95% CI]", "verdict"), rows),
+        ]
+
+    def searches(self) -> list[str]:
+        if not self.check.searches:
+            return []
+        rows = []
+        for s in self.check.searches:
+            trials = f"{s.counts['n_trials']} {trial_counts(s.counts)}"
+            for g in s.best:
+                sel = g.selection or {}
+                im = g.stats.get("image_AUROC")
+                config = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted((sel.get("config") or {}).items()))
+                validation = f"{sel.get('metric', '-')} {fmt_value(sel.get('value'))}"
+                rows.append(
+                    (f"{s.sweep}/{s.model}", s.category, trials, f"`{config}`", validation, *stat_cells(im)[:3])
+                )
+            if not s.best:
+                rows.append((f"{s.sweep}/{s.model}", s.category, trials, "-", "-", "-", "-", "-"))
+        header = ("search", "category", "trials", "best config", "validation", "test image AUROC", "95% CI", "min-max")
+        return [
+            "## Hyperparameter searches",
+            "",
+            *md_table(header, rows),
+            "",
+            "Selection rule: " + _rules(self.check.searches),
+        ]
+
+    def render(self, plots: Sequence[str]) -> str:
+        lines = self.header()
+        sections = (self.stability, self.references, self.determinism, self.cross_hardware, self.comparisons)
+        for section in (*sections, self.searches):
+            part = section()
+            if part:
+                lines += ["", *part]
+        if plots:
+            lines += ["", "## Plots", ""]
+            lines += "\n\n".join(f"![{Path(p).stem}]({p})" for p in plots).splitlines()
+        if self.check.store.malformed:
+            lines += ["", "## Malformed records (skipped)", ""]
+            lines += [f"- `{p}`: {e}" for p, e in self.check.store.malformed]
+        return "\n".join(lines) + "\n"
+
+    def plots(self) -> dict[str, bytes]:
+        by_label = self.by_label()
+        out = {}
+        for metric in PLOTTED:
+            if any(metric in g.stats for gs in by_label.values() for g in gs):
+                out[f"seeds-{metric}"] = seed_plot(by_label, metric)
+        by_sweep: dict[tuple[str, str], list[Search]] = defaultdict(list)
+        for s in self.check.searches:
+            if any(t.curve for t in s.trials):
+                by_sweep[(s.sweep, s.model)].append(s)
+        for (sweep, model), searches in sorted(by_sweep.items()):
+            out[f"search-{sweep}-{model}"] = search_plot(searches)
+        return out
+
+
+def _rules(searches: list[Search]) -> str:
+    rules = sorted({str(g.selection.get("rule")) for s in searches for g in s.best if g.selection})
+    text = "; ".join(rules) or "-"
+    return text + ". The winner is retrained on all training images and tested once per seed and repeat."
+
+
+def _ref_row(category: str, ref: Reference, stat: Stat, value: float, unlike: str) -> tuple[str, ...]:
+    if unlike:
+        inside = unlike
+    elif stat.ci_low is None or stat.ci_high is None:
+        inside = "no interval (1 seed)" if stat.n == 1 else "no interval"
+    else:
+        inside = (
+            "yes" if stat.ci_low <= value <= stat.ci_high else ("no, above" if value > stat.ci_high else "no, below")
+        )
+    return (category, ref.metric, f"{stat.mean:.3f} {stat_cells(stat)[1]}", f"{value:.3f}", inside)

@@ -1,0 +1,92 @@
+"""The sweep driver: a study's runs on Ray. The only package that imports Ray.
+
+Workers hand their records back to the driver, which alone writes the store: a cluster needs
+no shared file system, and a run is stored exactly once however often Ray retried it.
+
+- ``cluster``: start or join a cluster, check what it can hold;
+- ``tasks``: ``study: seeds``, categories x seeds x repeats as Ray tasks, retried on lost nodes;
+- ``search``: ``study: hpo``, per category a Ray Tune search on a validation split;
+- ``worker``: what runs on a worker; ``progress``: the live lines and the tally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.datasets import check_data
+from harness.errors import HarnessError
+from harness.models import get_model
+from harness.spec import ExperimentSpec, RunSpec, expand, with_config
+from harness.store import ResultsStore
+from harness.sweep.cluster import check_resources, cluster, held, ray_defaults, run_device
+from harness.sweep.progress import Progress, SweepResult
+from harness.sweep.search import search, searcher
+from harness.sweep.tasks import run_grid
+from harness.tracking import open_tracker
+
+__all__ = ["SweepResult", "cluster", "held", "preflight", "sweep"]
+
+
+def preflight(spec: ExperimentSpec, address: str | None) -> None:
+    """Checks that need no cluster: data where the driver can see it, the metric, the searcher."""
+    if spec.study == "hpo" and spec.metric.startswith("val_pixel") and not get_model(spec.model).anomaly_maps:
+        raise HarnessError(f"metric: {spec.model} makes no anomaly maps; use val_image_AUROC or val_image_F1Max")
+    root = Path(spec.data.root).expanduser()
+    # On a cluster the data may live on the workers only: they check it there.
+    if address is None or root.exists():
+        for category in spec.data.categories:
+            check_data(spec.data, category)
+    if spec.study == "hpo":
+        searcher(spec)
+
+
+def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
+    """Run a whole study; records land in ``results/<name>/runs/``."""
+    ray_defaults(address)  # before preflight, which may import Ray Tune
+    store = ResultsStore(results)
+    store.check_writable()
+    preflight(spec, address)
+    tally = SweepResult(0, [], 0, [])
+
+    def run(runs: list[RunSpec]) -> None:
+        progress = Progress(len(runs))
+        run_grid(runs, spec, store, progress)
+        tally.add(progress)
+
+    tracker = open_tracker(spec, results)  # online without a key fails here, before any run
+    if tracker is not None:
+        tracker.attach(store)
+    try:
+        with cluster(address):
+            check_resources(spec)
+            if spec.study == "seeds":
+                run(expand(spec, run_device(spec)))
+            else:
+                _searches(spec, store, results, tally, run)
+        if tracker is not None:
+            tracker.finish(store)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return tally
+
+
+def _searches(
+    spec: ExperimentSpec, store: ResultsStore, results: Path, tally: SweepResult, run: Callable[[list[RunSpec]], None]
+) -> None:
+    """Per category: the search, then its best configuration's runs on the test split."""
+    storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
+    for category in spec.data.categories:
+        trials = Progress(spec.num_samples)
+        selection = search(spec, category, store, storage, trials)
+        tally.add(trials)
+        if selection is None:
+            tally.failed.append(f"{category}: no trial finished; nothing to select")
+            continue
+        print(
+            f"best {category}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
+            f"its runs on the test split:"
+        )
+        best = with_config(spec, selection["config"])
+        run([r for r in expand(best, run_device(spec), role="best", selection=selection) if r.category == category])
