@@ -27,20 +27,19 @@ TRAINING_COMMANDS = {"run", "demo"}
 def verdicts_help() -> str:
     """``harness check --help``'s account of how it decides, with the checker's own thresholds."""
     from harness.check.pairs import DEFAULT_TOLERANCE
-    from harness.check.stats import BOOTSTRAP_SEED, CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE
+    from harness.check.stats import BOOTSTRAP_SEED, CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE
 
-    ci = f"{CONFIDENCE:.0%} CI"
     return f"""\
 how it decides:
   groups       runs that differ only in seed and repeat (sweep, model, params, category);
                a seed counts once (its repeats averaged); search trials are left out
-  seed spread  n, mean, std, {ci} (scipy BCa bootstrap of the mean, seed {BOOTSTRAP_SEED}), min, max, CV
+  seed spread  n, mean, std, {CI} (scipy BCa bootstrap of the mean, seed {BOOTSTRAP_SEED}), min, max, CV
   determinism  same seed on the same hardware_id: bitwise (equal score and map hashes),
                within_tolerance (hashes differ, every metric within --tolerance, default {DEFAULT_TOLERANCE:g}),
                diverged (beyond it), untested (no repeats: set `repeats: 2` in the spec)
   hardware     same seed on different hardware_ids: metric deltas, the same three verdicts
                (differs for diverged), and which environment fields differ
-  comparison   P(A>B): chance a seed of A beats a seed of B (ties half), {ci} by seeded
+  comparison   P(A>B): chance a seed of A beats a seed of B (ties half), {CI} by seeded
                percentile bootstrap; `A better` if the CI is above 0.5 and P >= {MEANINGFUL:g}
                (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
                under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`; only runs on the same data compared

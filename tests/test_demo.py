@@ -160,7 +160,7 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     assert re.search(r"^\[\d+/18 done, 0 failed, 0 already stored, eta \d+m\d\ds\]", stdout, re.M)
     # the seconds with nothing to show are said: the cluster starting, workers importing
     assert "starting a local Ray cluster (this machine only, on loopback; stopped at the end)" in stdout
-    assert re.search(r"^\[0/18 done, 0 failed, 0 already stored\] a worker on node \w+ is importing", stdout, re.M)
+    assert re.search(r"^\[0/18 done, 0 failed, 0 already stored\] worker \d+ on node \w+ is importing", stdout, re.M)
     assert "Ray Tune is starting its trials" in stdout
     assert re.search(rf"^== done in \d+m\d\ds: report {out.name}/reports/demo\.md$", stdout, re.M)
     for g in groups.values():  # the headline table

@@ -20,6 +20,7 @@ import numpy as np
 BOOTSTRAP_SEED = 0
 N_RESAMPLES = 9999
 CONFIDENCE = 0.95
+CI = f"{CONFIDENCE:.0%} CI"  # how tables and prose name the interval
 MIN_SEEDS_TO_COMPARE = 3  # seeds a side below which a comparison says `too few seeds`
 MEANINGFUL = 0.75  # P(A>B) a difference must reach to matter (Bouthillier et al., MLSys 2021)
 _ROWS_PER_BOOTSTRAP = 512  # rows resampled at once: bounds memory at rows x resamples x n

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from harness.check.groups import CheckReport, Group
+from harness.check.stats import CI
 from harness.formatting import fmt_stat, fmt_value, run_name, stat_cells, text_table
 
 
@@ -45,7 +46,7 @@ def to_text(rep: CheckReport) -> str:
         cells = (fmt_stat(image), spread, cv, fmt_stat(g.stats.get("pixel_AUROC")))
         rows.append((g.category, g.label, str(len(g.seeds)), *cells, determinism_cell(g) if g.ok else "-"))
         rows[-1] += (str(len(g.failed)),)
-    header: tuple[str, ...] = ("category", "group", "seeds", "image_AUROC mean±std [95% CI]", "min-max", "CV")
+    header: tuple[str, ...] = ("category", "group", "seeds", f"image_AUROC mean±std [{CI}]", "min-max", "CV")
     header += ("pixel_AUROC", "determinism", "failed")
     lines += ["", *text_table(header, rows)] if rows else ["", "no test runs (only search trials)"]
     failed = failed_lines(rep.groups)
@@ -65,7 +66,7 @@ def to_text(rep: CheckReport) -> str:
                 f"{delta}; environment differs in {', '.join(c.fingerprint_diff()) or 'nothing recorded'}"
             )
     if rep.comparisons:
-        lines += ["", "model comparison, P(A beats B) over seeds [95% CI]:"]
+        lines += ["", f"model comparison, P(A beats B) over seeds [{CI}]:"]
         pairs = [
             (c.category, c.metric, c.a.label, c.b.label, f"{c.p:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]", c.verdict)
             for c in rep.comparisons

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.check import CheckReport, Group, Run, Search, Stat
-from harness.check.stats import CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
+from harness.check.stats import CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
 from harness.check.summary import determinism_cell, failed_lines, trial_counts
 from harness.formatting import GIB, fmt_ints, fmt_value, md_table, stat_cells
 from harness.report.plots import PLOTTED, search_plot, seed_plot
@@ -21,11 +21,11 @@ STABILITY_COLUMNS = (
     "category",
     "seeds",
     "image AUROC",
-    "image AUROC 95% CI",
+    f"image AUROC {CI}",
     "image AUROC min-max",
     "image AUROC CV",
     "pixel AUROC",
-    "pixel AUROC 95% CI",
+    f"pixel AUROC {CI}",
     "pixel AUROC min-max",
     "pixel AUROC CV",
     "determinism",
@@ -138,7 +138,7 @@ class StabilityReport:
             "## Stability over seeds",
             "",
             "One value per seed (repeats of a seed are averaged: they test determinism, not spread). "
-            f"{CONFIDENCE:.0%} CI: BCa bootstrap of the mean, seeded. CV: std / mean. "
+            f"{CI}: BCa bootstrap of the mean, seeded. CV: std / mean. "
             "Failed runs are counted, never averaged in.",
             "",
         ]
@@ -167,7 +167,7 @@ class StabilityReport:
             "and category match and the test split has MVTec AD's size.",
             "",
             *md_table(
-                ("model", "category", "metric", "ours: mean [95% CI]", "published", "inside our CI?", "source"), rows
+                ("model", "category", "metric", f"ours: mean [{CI}]", "published", "inside our CI?", "source"), rows
             ),
         ]
 
@@ -266,12 +266,12 @@ class StabilityReport:
             "## Model comparison",
             "",
             "P(A>B): the chance that a seed of A scores above a seed of B (ties count half), with a seeded "
-            f"percentile bootstrap {CONFIDENCE:.0%} CI. `A better` when the CI is above 0.5 and P(A>B) ≥ "
+            f"percentile bootstrap {CI}. `A better` when the CI is above 0.5 and P(A>B) ≥ "
             f"{MEANINGFUL:g} (Bouthillier et al., MLSys 2021); `B better` the other way round; otherwise "
             f"`within noise`; under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`. Only configurations "
             "tested on the same data are compared.",
             "",
-            *md_table(("category", "metric", "A", "B", "seeds A / B", "P(A>B) [95% CI]", "verdict"), rows),
+            *md_table(("category", "metric", "A", "B", "seeds A / B", f"P(A>B) [{CI}]", "verdict"), rows),
         ]
 
     def searches(self) -> list[str]:
@@ -290,7 +290,7 @@ class StabilityReport:
                 )
             if not s.best:
                 rows.append((f"{s.sweep}/{s.model}", s.category, trials, "-", "-", "-", "-", "-"))
-        header = ("search", "category", "trials", "best config", "validation", "test image AUROC", "95% CI", "min-max")
+        header = ("search", "category", "trials", "best config", "validation", "test image AUROC", CI, "min-max")
         return [
             "## Hyperparameter searches",
             "",

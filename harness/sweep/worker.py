@@ -52,7 +52,7 @@ def execute(spec_jsons: list[str], done: frozenset[str], env: dict[str, str]) ->
     """
     worker_setup(env)
     if _HEAVY_IMPORT not in sys.modules:
-        yield {"note": f"a worker on node {node_id()[:8]} is importing anomalib (its first run)"}
+        yield {"note": f"worker {os.getpid()} on node {node_id()[:8]} is importing anomalib (its first run)"}
     from harness.run import FeatureCache, planned_run_id, run_one, unstarted_record
 
     cache: FeatureCache = {}  # this task's features: one category's, freed when it ends
