@@ -78,6 +78,7 @@ def _add_set_and_results(parser: argparse.ArgumentParser, examples: str) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import harness.synth as synth_defaults
     from harness.check.pairs import DEFAULT_TOLERANCE
 
     parser = _Parser(
@@ -100,19 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", type=Path, help="root to write ROOT/<category>/{train,test,ground_truth}")
     synth.add_argument(
         "--categories",
-        default="weave,disc",
+        default=",".join(synth_defaults.CATEGORIES),
         help="comma-separated: weave (texture), "
-        "disc (object on a plain background), grid (regular structure); default weave,disc",
+        "disc (object on a plain background), grid (regular structure); default %(default)s",
     )
-    synth.add_argument("--n-train", type=int, default=32, help="good training images per category (32)")
+    synth.add_argument(
+        "--n-train", type=int, default=synth_defaults.N_TRAIN, help="good training images per category (%(default)s)"
+    )
     synth.add_argument(
         "--n-test",
         type=int,
-        default=24,
-        help="test images per category, a third good, the rest scratch/hole/stain (24)",
+        default=synth_defaults.N_TEST,
+        help="test images per category, a third good, the rest scratch/hole/stain (%(default)s)",
     )
-    synth.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
-    synth.add_argument("--seed", type=int, default=0, help="data seed (0)")
+    synth.add_argument("--size", type=int, default=synth_defaults.SIZE, help="image side in pixels (%(default)s)")
+    synth.add_argument("--seed", type=int, default=synth_defaults.SEED, help="data seed (%(default)s)")
 
     run = _add(
         sub,

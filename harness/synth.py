@@ -125,13 +125,18 @@ class SynthSummary:
     size: int
 
 
+# `harness data synth`'s defaults (the CLI shows these).
+CATEGORIES = ("weave", "disc")
+N_TRAIN, N_TEST, SIZE, SEED = 32, 24, 64, 0
+
+
 def synth(
     out: Path,
-    categories: tuple[str, ...] = ("weave", "disc"),
-    n_train: int = 32,
-    n_test: int = 24,
-    size: int = 64,
-    seed: int = 0,
+    categories: tuple[str, ...] = CATEGORIES,
+    n_train: int = N_TRAIN,
+    n_test: int = N_TEST,
+    size: int = SIZE,
+    seed: int = SEED,
 ) -> SynthSummary:
     """Write a synthetic MVTec-layout data set under ``out``.
 

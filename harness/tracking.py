@@ -70,8 +70,8 @@ def open_tracker(spec: ExperimentSpec, results: Path, out: TextIO = sys.stdout) 
 
 def run_config(record: RunRecord) -> dict[str, Any]:
     """What defines the run, one level deep: the W&B filters and parallel coordinates read it."""
-    config: dict[str, Any] = {k: getattr(record, k) for k in ("sweep", "study", "model", "category", "seed")}
-    config.update(repeat=record.repeat, role=record.role)
+    identity = ("sweep", "study", "model", "category", "seed", "repeat", "role")
+    config: dict[str, Any] = {k: getattr(record, k) for k in identity}
     config["data.root"] = record.data.root
     config.update(flatten(record.params))
     config.update(flatten(record.selection or {}, "selection."))
