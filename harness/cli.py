@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
+    from harness.check import Store
     from harness.record import RunRecord
     from harness.spec import Device
 
@@ -28,6 +29,7 @@ def verdicts_help() -> str:
     """``harness check --help``'s account of how it decides, with the checker's own thresholds."""
     from harness.check.pairs import DEFAULT_TOLERANCE
     from harness.check.stats import BOOTSTRAP_SEED, CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE
+    from harness.check.verify import METRIC_TOLERANCE
 
     return f"""\
 how it decides:
@@ -43,7 +45,10 @@ how it decides:
                percentile bootstrap; `A better` if the CI is above 0.5 and P >= {MEANINGFUL:g}
                (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
                under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`; only runs on the same data compared
-exit: 0; 1 with --strict when any determinism verdict is diverged; 2 for bad input"""
+  verified     every ok record's scores_sha256 and image AUROC and F1-max are recomputed from its
+               scores and labels (to {METRIC_TOLERANCE:g}); a record that disagrees is corrupt: named on
+               stderr, counted, left out of every statistic; a sweep runs it again
+exit: 0; 1 with --strict when any determinism verdict is diverged or a record is corrupt; 2 for bad input"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--json", action="store_true", help="print the machine-readable document (keys in docs/check-json.md)"
     )
-    check.add_argument("--strict", action="store_true", help="exit 1 when a same-seed repeat diverged")
+    check.add_argument(
+        "--strict", action="store_true", help="exit 1 when a same-seed repeat diverged or a record is corrupt"
+    )
     check.add_argument(
         "--tolerance",
         type=float,
@@ -316,14 +323,21 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0 if tally.clean else EXIT_FAILED_RUN
 
 
+def _say_bad_records(command: str, results: Path, store: Store) -> None:
+    """One stderr line per record file left out: not a record, or not true to its scores."""
+    for path, error in store.malformed:
+        print(f"harness {command}: malformed record {results / path}: {error} (skipped)", file=sys.stderr)
+    for path, error in store.corrupt:
+        print(f"harness {command}: corrupt record {results / path}: {error} (left out)", file=sys.stderr)
+
+
 def cmd_check(ns: argparse.Namespace) -> int:
     from harness.check import DEFAULT_TOLERANCE, check, to_text
 
     rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance, ns.sweep)
-    for path, error in rep.store.malformed:
-        print(f"harness check: malformed record {ns.results / path}: {error}", file=sys.stderr)
+    _say_bad_records("check", ns.results, rep.store)
     print(rep.json_text() if ns.json else to_text(rep), end="")
-    return EXIT_FAILED_RUN if ns.strict and rep.diverged else 0
+    return EXIT_FAILED_RUN if ns.strict and rep.strict_failure else 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
@@ -336,8 +350,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     out = ns.out or default_out(rep)
     command = report_command(ns.results, ns.sweep, ns.out)
     path, plots = write_report(rep, out, command)
-    for p, error in rep.store.malformed:
-        print(f"harness report: malformed record {ns.results / p}: {error} (skipped)", file=sys.stderr)
+    _say_bad_records("report", ns.results, rep.store)
     print(f"wrote {path} ({len(rep.groups)} groups, {len(plots)} plots in {path.parent / path.stem})")
     return 0
 

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from harness.check import verify
 from harness.hashing import stable_hash
 from harness.record import RunRecord
 
@@ -58,7 +61,9 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
 }
 
-LABELS = [0, 0, 0, 0, 1, 1, 1, 1]
+# 50 good and 20 defective test images: an image AUROC is a multiple of 1/1000, so a value of
+# three decimals is exactly what the scores give (the checker verifies records against them).
+LABELS = [0] * 50 + [1] * 20
 # A trial's validation block, curve to be filled in.
 VALIDATION: dict[str, Any] = {
     "split": "synthetic",
@@ -70,9 +75,27 @@ VALIDATION: dict[str, Any] = {
 }
 
 
-def scores_for(auroc_like: float, n: int = len(LABELS)) -> list[float]:
-    """Scores for LABELS that differ with the value (any numbers do: only hashes are compared)."""
-    return [round(auroc_like * (i + 1) / n, 9) for i in range(n)]
+def scores_for(auroc: float) -> list[float]:
+    """Scores for LABELS whose image AUROC is exactly ``auroc``: good images at 1..N, each
+    defective one just above as many of them as its share of the wins (no ties)."""
+    good = [i for i, lab in enumerate(LABELS) if lab == 0]
+    bad = [i for i, lab in enumerate(LABELS) if lab == 1]
+    wins = round(auroc * len(good) * len(bad))
+    if abs(wins - auroc * len(good) * len(bad)) > 1e-6:
+        raise ValueError(f"an AUROC of {auroc} is not a multiple of 1/{len(good) * len(bad)}")
+    q, r = divmod(wins, len(bad))
+    scores = [0.0] * len(LABELS)
+    for rank, i in enumerate(good):
+        scores[i] = (rank + 1) / (len(good) + 2)
+    for k, i in enumerate(bad):
+        scores[i] = (q + (k < r) + 0.5) / (len(good) + 2)
+    return scores
+
+
+def image_metrics(scores: list[float]) -> dict[str, float]:
+    """What the checker computes from a record's scores (verified against scikit-learn in test_check)."""
+    out = verify.image_metrics(np.array(LABELS), np.array([scores], dtype=np.float64))
+    return {m: float(v[0]) for m, v in out.items()}
 
 
 def _sha(values: Any) -> str:
@@ -100,13 +123,18 @@ def make_record(
     started_at: str = "2026-11-30T10:00:00+00:00",
     **extra: Any,
 ) -> dict[str, Any]:
-    """A complete record; scores (and map hashes) follow the image AUROC unless given."""
-    metrics = {"image_AUROC": 0.9, "pixel_AUROC": 0.95, "pixel_AUPRO": 0.8, "image_F1Max": 0.85, **(metrics or {})}
+    """A complete record that verifies: scores give its image AUROC (0.9 unless given), and image
+    metrics not given are those of its scores. Given scores and metrics that disagree make a
+    corrupt record, as tampering would."""
+    given = dict(metrics or {})
+    if scores is None:
+        target = given.get("image_AUROC")
+        scores = scores_for(0.9 if target is None else target)
+    metrics = {**image_metrics(scores), "pixel_AUROC": 0.95, "pixel_AUPRO": 0.8, **given}
     if model == "ganomaly":
         metrics = {k: v for k, v in metrics.items() if not k.startswith("pixel_")}
     env = copy.deepcopy(env or ENV)
     params = copy.deepcopy(params or PARAMS[model])
-    scores = scores if scores is not None else scores_for(metrics["image_AUROC"] or 0.0)
     if maps_sha256 == "auto":
         maps_sha256 = None if model == "ganomaly" else _sha(["map", *scores])
     ok = status == "ok"
@@ -128,7 +156,7 @@ def make_record(
             "image_paths": [f"test/{'good' if lab == 0 else 'hole'}/{i:03d}.png" for i, lab in enumerate(LABELS)],
             "labels": LABELS,
             "image_scores": scores,
-            "scores_sha256": _sha(scores),
+            "scores_sha256": verify.scores_sha256(scores),
             "maps_sha256": maps_sha256,
             "model_sha256": _sha(["model", *scores]),
         }

@@ -92,9 +92,7 @@ def test_repeats_with_equal_hashes_are_bitwise(tmp_path: Path, capsys: pytest.Ca
 def test_a_planted_score_difference_diverges_and_names_the_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    planted = scores_for(0.82)
-    planted[3] += 0.25
-    second = make_record(seed=1, repeat=1, metrics={"image_AUROC": 0.78}, scores=planted)
+    second = make_record(seed=1, repeat=1, metrics={"image_AUROC": 0.78})  # other scores than seed 1's first
     records = [*seeds_of(AUROCS[:2]), make_record(repeat=1, metrics={"image_AUROC": 0.80}), second]
     write_records(tmp_path, records)
     code, doc = check_json(tmp_path, "--strict", capsys=capsys)
@@ -103,7 +101,8 @@ def test_a_planted_score_difference_diverges_and_names_the_runs(
     assert (det["verdict"], det["bitwise"], det["diverged"]) == ("diverged", 1, 1)
     (pair,) = det["differing"]
     assert (pair["seed"], pair["repeat_a"], pair["repeat_b"], pair["run_b"]) == (1, 0, 1, second["run_id"])
-    assert pair["max_score_diff"] == pytest.approx(0.25)
+    planted = np.abs(np.subtract(scores_for(0.82), scores_for(0.78)))
+    assert pair["max_score_diff"] == pytest.approx(planted.max())
     assert pair["metric_diffs"]["image_AUROC"] == pytest.approx(-0.04)
     assert det["max_metric_diff"] == pytest.approx(0.04)
     assert main(["check", str(tmp_path)]) == 0  # without --strict, a verdict is not a failure
@@ -113,8 +112,8 @@ def test_a_planted_score_difference_diverges_and_names_the_runs(
 def test_tiny_differences_are_within_tolerance_and_the_tolerance_is_settable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    nudged = [s + 1e-7 for s in scores_for(0.9)]
-    write_records(tmp_path, [make_record(), make_record(repeat=1, metrics={"image_AUROC": 0.9 + 1e-6}, scores=nudged)])
+    nudged = [s + 1e-7 for s in scores_for(0.9)]  # the same ranks: the same image metrics
+    write_records(tmp_path, [make_record(), make_record(repeat=1, metrics={"pixel_AUROC": 0.95 + 1e-6}, scores=nudged)])
     code, doc = check_json(tmp_path, "--strict", capsys=capsys)
     det = only_group(doc)["determinism"]
     assert (code, det["verdict"]) == (0, "within_tolerance")
@@ -211,7 +210,7 @@ def test_failed_runs_are_counted_and_named_never_averaged(tmp_path: Path, capsys
             "path": f"s1/runs/{failed['run_id']}.json",
         }
     ]
-    assert doc["records"] == {"files": 4, "ok": 3, "failed": 1, "trials": 0, "malformed": 0}
+    assert doc["records"] == {"files": 4, "ok": 3, "failed": 1, "trials": 0, "malformed": 0, "corrupt": 0}
     assert main(["check", str(tmp_path)]) == 0
     assert (
         f"patchcore disc seed=3 r0 in s1/patchcore: OutOfMemoryError: CUDA out of memory (at run.py:301) "
@@ -289,7 +288,17 @@ def test_trials_stay_out_of_the_groups_and_feed_the_search_summary(
     assert (sel["group"], sel["val_score"], sel["trial_run_id"]) == ("hpo/ganomaly [best]", 0.7, trials[1]["run_id"])
 
 
-JSON_KEYS = {"schema", "tolerance", "records", "malformed", "determinism", "groups", "comparisons", "searches"}
+JSON_KEYS = {
+    "schema",
+    "tolerance",
+    "records",
+    "malformed",
+    "corrupt",
+    "determinism",
+    "groups",
+    "comparisons",
+    "searches",
+}
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
 GROUP_KEYS |= {"hardware_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_hardware"}
 
@@ -486,3 +495,79 @@ def test_large_stores_are_read_in_worker_processes_with_the_same_answer(
     monkeypatch.setattr(harness.check.load, "PARALLEL_MIN_FILES", 2)
     assert checker.check(tmp_path).to_json() == serial
     assert serial["records"]["malformed"] == 1
+
+
+# --- records whose numbers are verified ---------------------------------------------------
+
+
+def test_image_metrics_from_scores_are_scikit_learns() -> None:
+    """The checker's own AUROC and F1-max, against an independent computation, ties included."""
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    from harness.check.verify import image_metrics
+
+    rng = np.random.default_rng(0)
+    for n in (8, 41, 167):
+        labels = (rng.random(n) < 0.6).astype(int)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random((5, n)) + 0.3 * labels, 2)  # rounded: many ties
+        got = image_metrics(labels, scores)
+        for row, s in enumerate(scores):
+            precision, recall, _ = precision_recall_curve(labels, s)
+            f1 = np.nanmax(2 * precision * recall / np.where(precision + recall == 0, np.nan, precision + recall))
+            assert got["image_AUROC"][row] == pytest.approx(roc_auc_score(labels, s), abs=1e-12)
+            assert got["image_F1Max"][row] == pytest.approx(f1, abs=1e-12)
+
+
+def _tamper(record: dict[str, Any], how: str) -> None:
+    pred = record["predictions"]
+    if how == "score":  # one score changed, its hash and metrics left alone
+        pred["image_scores"][0] += 10.0
+    elif how == "metric":
+        record["metrics"]["image_AUROC"] = 0.99
+    else:
+        pred["scores_sha256"] = "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [
+        ("score", "scores_sha256 is not the hash of its image_scores"),
+        ("metric", "image_AUROC 0.99 stored, 0.84 from its scores and labels"),
+        ("hash", "scores_sha256 is not the hash of its image_scores"),
+    ],
+)
+def test_a_tampered_record_is_corrupt_named_and_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, why: str
+) -> None:
+    records = seeds_of(AUROCS)
+    _tamper(records[2], how)
+    write_records(tmp_path, records)
+    code, doc = check_json(tmp_path, capsys=capsys)
+    path = f"s1/runs/{records[2]['run_id']}.json"
+    assert code == 0
+    assert doc["corrupt"] == [{"path": path, "error": why}]
+    assert doc["records"]["corrupt"] == 1
+    assert doc["records"]["ok"] == 4
+    stat = only_group(doc)["metrics"]["image_AUROC"]
+    assert (stat["n"], stat["mean"]) == (4, pytest.approx(statistics.mean(AUROCS[:2] + AUROCS[3:])))
+    assert main(["check", str(tmp_path), "--strict"]) == 1  # --strict: a record is not what it says
+    err = capsys.readouterr().err
+    assert f"harness check: corrupt record {tmp_path / path}: {why} (left out)" in err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    report = (tmp_path / "r.md").read_text()
+    assert "(1 corrupt, left out: see the end)" in report
+    assert f"- `{path}`: {why}" in report.split("## Corrupt records")[1]
+
+
+def test_records_the_harness_writes_verify(tmp_path: Path) -> None:
+    """Hand-built records verify, and a store of only corrupt records is a one-line error."""
+    from harness.check.verify import verify
+    from tests.recordkit import typed
+
+    records = seeds_of(AUROCS)
+    assert verify([typed(r) for r in records]) == {}
+    for r in records:
+        _tamper(r, "metric")
+    write_records(tmp_path, records)
+    assert main(["check", str(tmp_path)]) == 2

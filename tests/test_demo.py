@@ -110,7 +110,7 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     )
     assert check_json == by_hand.stdout
     doc = json.loads(check_json)
-    assert doc["records"] == {"files": 48, "ok": 36, "failed": 0, "trials": 12, "malformed": 0}
+    assert doc["records"] == {"files": 48, "ok": 36, "failed": 0, "trials": 12, "malformed": 0, "corrupt": 0}
     groups = {(g["sweep"], g["category"]): g for g in doc["groups"]}
     assert set(groups) == {(s, c) for s in ("demo-patchcore", "demo-ganomaly") for c in CATEGORIES}
     for g in groups.values():

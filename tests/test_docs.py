@@ -18,6 +18,7 @@ import yaml
 
 from harness.check.pairs import DEFAULT_TOLERANCE
 from harness.check.stats import BOOTSTRAP_SEED, CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE, N_RESAMPLES
+from harness.check.verify import METRIC_TOLERANCE
 from harness.cli import build_parser
 from harness.errors import HarnessError
 from harness.spec import apply_overrides, load_spec, parse_set, validate_spec
@@ -295,5 +296,7 @@ def test_the_docs_state_the_thresholds_the_code_defines(page: str) -> None:
         f"{N_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}",
         f"{CONFIDENCE:.0%} CI",
     ]
+    if page == "design.md":
+        phrases.append(f"within {METRIC_TOLERANCE:g} | `METRIC_TOLERANCE`")
     for phrase in phrases:
         assert phrase in text, f"docs/{page} no longer says {phrase!r} (the checker's value)"

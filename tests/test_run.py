@@ -12,6 +12,7 @@ import torch
 import torchvision
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from harness.check.verify import verify
 from harness.evaluate import collect, compute_metrics
 from harness.models.patchcore import PatchcoreArgs
 from harness.record import decode_record
@@ -78,6 +79,7 @@ def test_record_is_complete_and_stored_atomically(model: str, synth_root: Path, 
     assert doc["timing"]["latency_ms_per_image"] > 0
     assert doc["memory"]["peak_rss_bytes"] > 100 * 2**20
     assert doc["params"]["data"]["sha256"] == doc["data"]["sha256"]
+    assert verify([record]) == {}, "the checker's own metrics of its scores are anomalib's, to 1e-6"
     assert "root" not in doc["params"]["data"], "a path is not part of what defines a run"
     if model == "ganomaly":
         assert doc["metrics"]["pixel_AUROC"] is None

@@ -94,6 +94,31 @@ def test_seeds_sweep_stores_every_run_as_harness_run_would(disc_spec: Path, tmp_
     assert "0 ok, 0 failed, 0 lost, 4 already stored" in again.stdout
     assert snapshot(results) == before
 
+    # A record whose scores, metric or hash was changed is corrupt: its run goes again.
+    paths = sorted(ResultsStore(results).paths())
+    for path, how in zip(paths, ("score", "metric", "hash"), strict=False):
+        doc = json.loads(path.read_text())
+        if how == "score":
+            doc["predictions"]["image_scores"][0] += 10.0
+        elif how == "metric":
+            doc["metrics"]["image_AUROC"] = 0.5
+        else:
+            doc["predictions"]["scores_sha256"] = "0" * 64
+        path.write_text(json.dumps(doc))
+    third = sweep_cli(disc_spec, results)
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.count("is corrupt (") == 3
+    assert "3 ok, 0 failed, 0 lost, 1 already stored" in third.stdout
+    rerun = {p.name: json.loads(p.read_text()) for p in paths}
+    for path in paths:  # the same bits again: the runs are deterministic
+        old = json.loads(before[path.name][1])
+        assert rerun[path.name]["predictions"]["scores_sha256"] == old["predictions"]["scores_sha256"]
+        assert rerun[path.name]["metrics"] == old["metrics"]
+    checked = subprocess.run(
+        [sys.executable, "-m", "harness", "check", str(results), "--strict"], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
+
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_runs(tmp_path: Path, synth_root: Path, ray_tmp: Path) -> None:

@@ -183,6 +183,13 @@ class CheckReport:
     def diverged(self) -> list[Group]:
         return [g for g in self.groups if g.determinism.verdict == "diverged"]
 
+    @property
+    def strict_failure(self) -> str | None:
+        """Why ``--strict`` fails: a same-seed repeat diverged, or a record is corrupt."""
+        if self.store.corrupt:
+            return f"{len(self.store.corrupt)} corrupt records"
+        return f"{len(self.diverged)} groups diverged" if self.diverged else None
+
     def counts(self) -> dict[str, int]:
         runs = self.store.runs
         return {
@@ -191,6 +198,7 @@ class CheckReport:
             "failed": sum(r.status == "failed" and r.role != "trial" for r in runs),
             "trials": sum(r.role == "trial" for r in runs),
             "malformed": len(self.store.malformed),
+            "corrupt": len(self.store.corrupt),
         }
 
     def determinism_counts(self) -> dict[str, int]:
@@ -203,6 +211,7 @@ class CheckReport:
             "tolerance": self.tolerance,
             "records": self.counts(),
             "malformed": [{"path": p, "error": e} for p, e in self.store.malformed],
+            "corrupt": [{"path": p, "error": e} for p, e in self.store.corrupt],
             "determinism": self.determinism_counts(),
             "groups": [g.to_json() for g in self.groups],
             "comparisons": [c.to_json() for c in self.comparisons],
@@ -295,10 +304,9 @@ def check(root: Path, tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") ->
 def _check(root: Path, tolerance: float, sweep: str) -> CheckReport:
     store = load_store(root, sweep)
     if not store.runs:
-        path, error = store.malformed[0]
-        raise HarnessError(
-            f"no readable run record in {root}: {len(store.malformed)} malformed, such as {path}: {error}"
-        )
+        path, error = (store.malformed + store.corrupt)[0]
+        bad = f"{len(store.malformed)} malformed, {len(store.corrupt)} corrupt"
+        raise HarnessError(f"no readable run record in {root}: {bad}, such as {path}: {error}")
     groups = _groups(store)
     for g in groups:
         g.stats = _seed_stats(g)

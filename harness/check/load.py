@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from harness.check.verify import verify
 from harness.errors import HarnessError
 from harness.formatting import flatten
 from harness.hashing import stable_hash
@@ -32,6 +33,7 @@ COST = ("fit_s", "peak_rss_bytes", "peak_gpu_bytes")
 # Content hashes inside params: left out of a configuration's id (see ``settings_id``).
 CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
 PARALLEL_MIN_FILES = 2000  # below this, worker start-up costs more than it saves
+_VERIFY_BLOCK = 1024  # records decoded, then verified together, at a time
 
 
 class Run(msgspec.Struct, frozen=True):
@@ -75,7 +77,8 @@ class Store:
     root: Path
     n_files: int
     runs: list[Run]
-    malformed: list[tuple[str, str]]  # (path, why)
+    malformed: list[tuple[str, str]]  # (path, why): not a record
+    corrupt: list[tuple[str, str]]  # (path, why): a record whose hash or metrics are not its scores'
     params: dict[str, dict[str, Any]]  # config_id -> params
     envs: dict[str, dict[str, Any]]  # env_id -> environment
     _env_diffs: dict[tuple[str, str], dict[str, list[Any]]] = field(default_factory=dict, repr=False)
@@ -116,7 +119,8 @@ def _columns(rows: list[dict[str, int | float | None]]) -> dict[str, list[int | 
     return {k: [row.get(k) for row in rows] for k in keys}
 
 
-def _check_identity(record: RunRecord, rel: str) -> str:
+def hardware_id_of(record: RunRecord, rel: str) -> str:
+    """The record's hardware id, once it is known to be the record its file name says it is."""
     if record.run_id != rel.rsplit("/", 1)[-1].removesuffix(".json"):
         raise ValueError(f"run_id {record.run_id!r} does not match the file name")
     if record.ok and record.role != "trial" and record.predictions is None:
@@ -159,7 +163,7 @@ class _Reducer:
         return self._images[key]
 
     def reduce(self, record: RunRecord, rel: str) -> Run:
-        hardware_id = _check_identity(record, rel)
+        hardware_id = hardware_id_of(record, rel)
         metrics = {k: v for k, v in record.metrics.items() if v is not None}
         if record.ok:
             cost = {"fit_s": record.timing.fit_s, "peak_rss_bytes": record.memory.peak_rss_bytes}
@@ -197,7 +201,8 @@ class _Reducer:
         )
 
 
-_Parsed = tuple[list[Run], list[tuple[str, str]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
+_Bad = list[tuple[str, str]]
+_Parsed = tuple[list[Run], _Bad, _Bad, dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
 _PARSED = msgspec.msgpack.Decoder(_Parsed)
 
 
@@ -218,17 +223,25 @@ def gc_paused() -> Iterator[None]:
 
 
 def _parse_files(root: str, rels: Sequence[str]) -> _Parsed:
-    """Parse a chunk of record files; one bad file is named and skipped, never fatal."""
+    """Parse and verify a chunk of record files; one bad file is named and skipped, never fatal."""
     runs: list[Run] = []
-    bad: list[tuple[str, str]] = []
+    malformed: _Bad = []
+    corrupt: _Bad = []
     reducer = _Reducer()
     with gc_paused():
-        for rel in rels:
-            try:
-                runs.append(reducer.reduce(decode_record(read_bytes(os.path.join(root, rel))), rel))
-            except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors, one line each
-                bad.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
-    return runs, bad, reducer.params, reducer.envs
+        for start in range(0, len(rels), _VERIFY_BLOCK):
+            read: list[tuple[str, RunRecord]] = []
+            for rel in rels[start : start + _VERIFY_BLOCK]:
+                try:
+                    record = decode_record(read_bytes(os.path.join(root, rel)))
+                    hardware_id_of(record, rel)
+                    read.append((rel, record))
+                except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors, one line each
+                    malformed.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
+            wrong = verify([record for _, record in read])
+            corrupt += [(read[i][0], why) for i, why in sorted(wrong.items())]
+            runs += [reducer.reduce(record, rel) for i, (rel, record) in enumerate(read) if i not in wrong]
+    return runs, malformed, corrupt, reducer.params, reducer.envs
 
 
 def _parse_encoded(root: str, rels: Sequence[str]) -> bytes:
@@ -266,10 +279,11 @@ def load_store(root: Path, sweep: str = "*") -> Store:
             parts = [_PARSED.decode(b) for b in pool.map(_parse_encoded, [str(root)] * len(chunks), chunks)]
     else:
         parts = [_parse_files(str(root), rels)]
-    store = Store(root, len(rels), [], [], {}, {})
-    for runs, bad, params, envs in parts:  # chunks are in path order, so runs stay sorted
+    store = Store(root, len(rels), [], [], [], {}, {})
+    for runs, malformed, corrupt, params, envs in parts:  # chunks are in path order, so runs stay sorted
         store.runs += runs
-        store.malformed += bad
+        store.malformed += malformed
+        store.corrupt += corrupt
         store.params.update(params)
         store.envs.update(envs)
     return store

@@ -37,7 +37,8 @@ def to_text(rep: CheckReport) -> str:
     doc = rep.counts()
     lines = [
         f"checked {rep.store.root}: {doc['files']} records ({doc['ok']} ok, {doc['failed']} failed, "
-        f"{doc['trials']} search trials), {doc['malformed']} malformed; tolerance {rep.tolerance:g}"
+        f"{doc['trials']} search trials), {doc['malformed']} malformed, {doc['corrupt']} corrupt; "
+        f"tolerance {rep.tolerance:g}"
     ]
     rows: list[tuple[str, ...]] = []
     for g in rep.groups:

@@ -66,6 +66,7 @@ class StabilityReport:
             "",
             f"Built by `{self.command}` from {st.n_files} records"
             + (f" ({len(st.malformed)} malformed, skipped: see the end)" if st.malformed else "")
+            + (f" ({len(st.corrupt)} corrupt, left out: see the end)" if st.corrupt else "")
             + ". The same store always gives the same report, byte for byte.",
             "",
             "## What was run",
@@ -312,6 +313,9 @@ class StabilityReport:
         if self.check.store.malformed:
             lines += ["", "## Malformed records (skipped)", ""]
             lines += [f"- `{p}`: {e}" for p, e in self.check.store.malformed]
+        if self.check.store.corrupt:
+            lines += ["", "## Corrupt records (left out: their hash or metrics are not their scores')", ""]
+            lines += [f"- `{p}`: {e}" for p, e in self.check.store.corrupt]
         return "\n".join(lines) + "\n"
 
     def plots(self) -> dict[str, bytes]:

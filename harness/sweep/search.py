@@ -108,7 +108,7 @@ def search(
     # The scheduler decides where a trial's curve ends: a trial under another is another run.
     scheduler = {"scheduler": spec.scheduler.model_dump(mode="json")}
     base = run_spec(spec, category, spec.seeds[0], 0, run_device(spec), role="trial", selection=scheduler)
-    done = {i: r.to_builtins() for i, r in stored_ok(store, spec.name, "trial").items()}
+    done = {i: r.to_builtins() for i, r in stored_ok(store, spec.name, "trial", progress).items()}
     print(
         f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
         f"selected on {spec.metric} ({spec.validation.split} validation split, ratio {spec.validation.ratio:g})"

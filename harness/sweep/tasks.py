@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.check.verify import verify
 from harness.formatting import run_name
 from harness.models import get_model
 from harness.record import Role, RunRecord
@@ -21,9 +22,16 @@ from harness.sweep.worker import execute
 MAX_RETRIES = 3  # system failures (a worker or node lost) are retried elsewhere this many times
 
 
-def stored_ok(store: ResultsStore, sweep: str, role: Role) -> dict[str, RunRecord]:
-    """The sweep's finished runs of one role, by run id: what is not run again."""
-    return {i: r for i, r in store.records(sweep).items() if r.ok and r.role == role}
+def stored_ok(store: ResultsStore, sweep: str, role: Role, progress: Progress) -> dict[str, RunRecord]:
+    """The sweep's finished runs of one role, by run id: what is not run again.
+
+    A record whose hash or metrics are not its scores' is corrupt: its run goes again (said).
+    """
+    records = [r for r in store.records(sweep).values() if r.ok and r.role == role]
+    corrupt = verify(records)
+    for i, why in sorted(corrupt.items()):
+        progress.event(f"stored record of {run_name(records[i])} is corrupt ({why}): it runs again")
+    return {r.run_id: r for i, r in enumerate(records) if i not in corrupt}
 
 
 def task_groups(runs: list[RunSpec], spec: ExperimentSpec, n_slots: int) -> list[list[RunSpec]]:
@@ -61,7 +69,7 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
 
     if not runs:
         return
-    done = ray.put(frozenset(stored_ok(store, spec.name, runs[0].role)))
+    done = ray.put(frozenset(stored_ok(store, spec.name, runs[0].role, progress)))
     task = ray.remote(execute).options(
         num_returns="streaming", max_retries=0, scheduling_strategy="SPREAD", **task_options(spec)
     )
