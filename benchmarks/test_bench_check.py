@@ -84,8 +84,9 @@ def _category_records(category: str) -> int:
 def _trial(sweep: str, category: str, params: dict[str, Any], t: int, n_test: int, rng: Any) -> dict[str, Any]:
     curve = [{"epoch": e, "val_image_AUROC": rng.random()} for e in range(1, 11)]
     trial = rk.make_record(
-        sweep=sweep, model="ganomaly", category=category, seed=0, repeat=t, params=params, role="trial", n_test=n_test
-    )
+        sweep=sweep, model="ganomaly", category=category, seed=0, repeat=t, params=params, role="trial",
+        n_test=n_test, scores=[0.5] * len(rk.LABELS),  # replaced below: a trial has no test predictions
+    )  # fmt: skip
     trial.update(
         metrics={"val_image_AUROC": curve[-1]["val_image_AUROC"]},
         predictions=None,

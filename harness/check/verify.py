@@ -25,11 +25,6 @@ VERIFIED_METRICS = ("image_AUROC", "image_F1Max")
 _ROWS = 512  # records compared at once: bounds memory at rows x positives x negatives
 
 
-def scores_sha256(scores: Sequence[float] | np.ndarray) -> str:
-    """The hash a run gives its scores: SHA-256 of their float32 bytes (``evaluate.Predicted``)."""
-    return hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float32).tobytes()).hexdigest()
-
-
 def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
     """Image AUROC and F1-max of each row of ``scores`` (records x images) against ``labels``.
 
@@ -58,31 +53,27 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarra
 def verify(records: Sequence[RunRecord]) -> dict[int, str]:
     """Which of ``records`` are corrupt (by index), and why: one line each."""
     bad: dict[int, str] = {}
-    batches: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    batches: dict[tuple[int, ...], list[tuple[int, RunRecord]]] = defaultdict(list)
     for i, record in enumerate(records):
         pred = record.predictions
         if not record.ok or pred is None:
             continue
         if len(pred.image_scores) != len(pred.labels):
             bad[i] = f"{len(pred.image_scores)} scores for {len(pred.labels)} labels"
-        elif scores_sha256(pred.image_scores) != pred.scores_sha256:
-            bad[i] = "scores_sha256 is not the hash of its image_scores"
         else:
-            batches[tuple(pred.labels)].append(i)
+            batches[tuple(pred.labels)].append((i, record))
     for labels, members in batches.items():
         for start in range(0, len(members), _ROWS):
             chunk = members[start : start + _ROWS]
-            scores = np.array([_scores(records[i]) for i in chunk], dtype=np.float64)
+            scores = np.array([r.predictions.image_scores for _, r in chunk], dtype=np.float64)  # type: ignore[union-attr]
+            as_run_hashed = scores.astype(np.float32)
             computed = image_metrics(np.array(labels), scores)
-            for row, i in enumerate(chunk):
-                why = _metric_mismatch(records[i], {m: float(v[row]) for m, v in computed.items()})
-                if why:
+            for row, (i, record) in enumerate(chunk):
+                if hashlib.sha256(as_run_hashed[row].tobytes()).hexdigest() != record.predictions.scores_sha256:  # type: ignore[union-attr]
+                    bad[i] = "scores_sha256 is not the hash of its image_scores"
+                elif why := _metric_mismatch(record, {m: float(v[row]) for m, v in computed.items()}):
                     bad[i] = why
     return bad
-
-
-def _scores(record: RunRecord) -> list[float]:
-    return record.predictions.image_scores if record.predictions else []
 
 
 def _metric_mismatch(record: RunRecord, computed: dict[str, float]) -> str | None:
