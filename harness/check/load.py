@@ -2,8 +2,9 @@
 
 It reads run records and nothing else (no torch, anomalib, Ray or W&B), so a check or a
 report can be rebuilt anywhere. Each record is decoded with the one record schema
-(``harness.record``) and reduced at once to a ``Run``: what the verdicts need, with params
-and environments shared by id (a store of 100,000 records holds a few dozen of each).
+(``harness.record``), verified against its own scores (``verify``: a corrupt one is named
+and left out), and reduced to a ``Run``: what the verdicts need, with params and
+environments shared by id (a store of 100,000 records holds a few dozen of each).
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def _columns(rows: list[dict[str, int | float | None]]) -> dict[str, list[int | 
     return {k: [row.get(k) for row in rows] for k in keys}
 
 
-def hardware_id_of(record: RunRecord, rel: str) -> str:
-    """The record's hardware id, once it is known to be the record its file name says it is."""
+def identified(record: RunRecord, rel: str) -> str:
+    """The record's hardware id, once it is known to be the record its file name says it is
+    (its run id), whole (an ok run has predictions) and placed (it has a hardware id)."""
     if record.run_id != rel.rsplit("/", 1)[-1].removesuffix(".json"):
         raise ValueError(f"run_id {record.run_id!r} does not match the file name")
     if record.ok and record.role != "trial" and record.predictions is None:
@@ -233,7 +235,7 @@ def _parse_files(root: str, rels: Sequence[str]) -> _Parsed:
             for rel in rels[start : start + _VERIFY_BLOCK]:
                 try:
                     record = decode_record(read_bytes(os.path.join(root, rel)))
-                    read.append((rel, record, hardware_id_of(record, rel)))
+                    read.append((rel, record, identified(record, rel)))
                 except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors, one line each
                     malformed.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
             wrong = verify([record for _, record, _ in read])
