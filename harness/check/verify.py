@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from harness.record import RunRecord
+from harness.record import Predictions, RunRecord
 
 METRIC_TOLERANCE = 1e-6  # anomalib computes in float32; exact AUROC and F1-max agree to ~1e-7
 VERIFIED_METRICS = ("image_AUROC", "image_F1Max")
@@ -53,7 +53,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarra
 def verify(records: Sequence[RunRecord]) -> dict[int, str]:
     """Which of ``records`` are corrupt (by index), and why: one line each."""
     bad: dict[int, str] = {}
-    batches: dict[tuple[int, ...], list[tuple[int, RunRecord]]] = defaultdict(list)
+    batches: dict[tuple[int, ...], list[tuple[int, RunRecord, Predictions]]] = defaultdict(list)
     for i, record in enumerate(records):
         pred = record.predictions
         if not record.ok or pred is None:
@@ -61,15 +61,15 @@ def verify(records: Sequence[RunRecord]) -> dict[int, str]:
         if len(pred.image_scores) != len(pred.labels):
             bad[i] = f"{len(pred.image_scores)} scores for {len(pred.labels)} labels"
         else:
-            batches[tuple(pred.labels)].append((i, record))
+            batches[tuple(pred.labels)].append((i, record, pred))
     for labels, members in batches.items():
         for start in range(0, len(members), _ROWS):
             chunk = members[start : start + _ROWS]
-            scores = np.array([r.predictions.image_scores for _, r in chunk], dtype=np.float64)  # type: ignore[union-attr]
+            scores = np.array([pred.image_scores for _, _, pred in chunk], dtype=np.float64)
             as_run_hashed = scores.astype(np.float32)
             computed = image_metrics(np.array(labels), scores)
-            for row, (i, record) in enumerate(chunk):
-                if hashlib.sha256(as_run_hashed[row].tobytes()).hexdigest() != record.predictions.scores_sha256:  # type: ignore[union-attr]
+            for row, (i, record, pred) in enumerate(chunk):
+                if hashlib.sha256(as_run_hashed[row].tobytes()).hexdigest() != pred.scores_sha256:
                     bad[i] = "scores_sha256 is not the hash of its image_scores"
                 elif why := _metric_mismatch(record, {m: float(v[row]) for m, v in computed.items()}):
                     bad[i] = why
