@@ -7,7 +7,6 @@ test set was batched, and the numbers are anomalib's.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from harness.hashing import float32_sha256
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,13 @@ class Predicted:
 
     @property
     def scores_sha256(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.scores, dtype=np.float32).tobytes()).hexdigest()
+        return float32_sha256(self.scores)
 
     @property
     def maps_sha256(self) -> str | None:
         if self.maps is None:
             return None
-        return hashlib.sha256(np.ascontiguousarray(self.maps, dtype=np.float32).tobytes()).hexdigest()
+        return float32_sha256(self.maps)
 
 
 def _relative(path: str, base: Path) -> str:

@@ -16,6 +16,14 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def float32_sha256(values: Any) -> str:
+    """SHA-256 of values as contiguous float32 bytes: how a run hashes its scores and maps, and
+    how the checker verifies them."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from harness.check import verify
-from harness.hashing import stable_hash
+from harness.hashing import float32_sha256, stable_hash
 from harness.record import RunRecord
 
 ENV = {
@@ -156,7 +156,7 @@ def make_record(
             "image_paths": [f"test/{'good' if lab == 0 else 'hole'}/{i:03d}.png" for i, lab in enumerate(LABELS)],
             "labels": LABELS,
             "image_scores": scores,
-            "scores_sha256": hashlib.sha256(np.asarray(scores, dtype=np.float32).tobytes()).hexdigest(),  # as runs do
+            "scores_sha256": float32_sha256(scores),  # as runs hash them
             "maps_sha256": maps_sha256,
             "model_sha256": _sha(["model", *scores]),
         }

@@ -12,12 +12,12 @@ batch at a time, with one array operation per batch (no loop over records).
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
+from harness.hashing import float32_sha256
 from harness.record import Predictions, RunRecord
 
 METRIC_TOLERANCE = 1e-6  # anomalib computes in float32; exact AUROC and F1-max agree to ~1e-7
@@ -66,10 +66,9 @@ def verify(records: Sequence[RunRecord]) -> dict[int, str]:
         for start in range(0, len(members), _ROWS):
             chunk = members[start : start + _ROWS]
             scores = np.array([pred.image_scores for _, _, pred in chunk], dtype=np.float64)
-            as_run_hashed = scores.astype(np.float32)
             computed = image_metrics(np.array(labels), scores)
             for row, (i, record, pred) in enumerate(chunk):
-                if hashlib.sha256(as_run_hashed[row].tobytes()).hexdigest() != pred.scores_sha256:
+                if float32_sha256(scores[row]) != pred.scores_sha256:
                     bad[i] = "scores_sha256 is not the hash of its image_scores"
                 elif why := _metric_mismatch(record, {m: float(v[row]) for m, v in computed.items()}):
                     bad[i] = why
