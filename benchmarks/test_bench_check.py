@@ -5,9 +5,9 @@ year of a lab's MVTec work could look like, with records of real size (MVTec's t
 category, so 42-167 scores and paths a record):
 
 - 10 PatchCore seed sweeps (each its own config) and 10 GANomaly searches, on all 15 categories;
-- every test configuration on 3 hardware ids x 30 seeds x 2 repeats: on the CPU repeats are
+- every test configuration on 3 environments x 30 seeds x 2 repeats: on the CPU repeats are
   bitwise, on one GPU they differ in the last bits (re-read for the score difference), and
-  hardware ids differ by a little (so every cross-hardware pair is re-read too);
+  environments differ by a little (so every cross-environment pair is re-read too);
 - 300 trials per search and category, with 10-epoch validation curves.
 
 Each command runs as a user runs it, a fresh process; its peak memory is the largest process
@@ -38,7 +38,7 @@ from harness.report import MVTEC_TEST_IMAGES
 
 SEEDS, REPEATS, SWEEPS, TRIALS = 30, 2, 10, 300
 BASELINE = os.environ.get("HARNESS_BENCH_BASELINE")
-HARDWARE = (rk.ENV, rk.GPU_ENV, {**rk.GPU_ENV, "gpu_name": "NVIDIA A100", "hardware_id": "gpu-a100"})
+HARDWARE = (rk.ENV, rk.GPU_ENV, {**rk.GPU_ENV, "gpu_name": "NVIDIA A100", "environment_id": "gpu-a100"})
 
 
 def _category_records(category: str) -> int:

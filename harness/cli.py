@@ -36,11 +36,13 @@ how it decides:
   groups       runs that differ only in seed and repeat (sweep, model, params, category);
                a seed counts once (its repeats averaged); search trials are left out
   seed spread  n, mean, std, {CI} (scipy BCa bootstrap of the mean, seed {BOOTSTRAP_SEED}), min, max, CV
-  determinism  same seed on the same hardware_id: bitwise (equal score and map hashes),
+  determinism  same seed in the same environment (environment_id): bitwise (equal score and map hashes),
                within_tolerance (hashes differ, every metric within --tolerance, default {DEFAULT_TOLERANCE:g}),
                diverged (beyond it), untested (no repeats: set `repeats: 2` in the spec)
-  hardware     same seed on different hardware_ids: metric deltas, the same three verdicts
-               (differs for diverged), and which environment fields differ
+  environments same seed in different environments (another machine, ISA, precision, build):
+               the same three verdicts (differs for diverged), max |score| difference, whether
+               the images rank the same (Kendall tau), metric deltas against the seed spread, the
+               environment fields that differ, and each comparison and search winner per environment
   comparison   P(A>B): chance a seed of A beats a seed of B (ties half), {CI} by seeded
                percentile bootstrap; `A better` if the CI is above 0.5 and P >= {MEANINGFUL:g}
                (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
@@ -161,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = _add(
         sub,
         "check",
-        "reproducibility verdicts from a results store: seed variance, determinism, hardware, model comparison",
-        "harness check results --strict\n  harness check results --json > check.json",
+        "reproducibility verdicts from a results store: seed variance, determinism, environments, model comparison",
+        "harness check results --strict\n  harness check results --json > check.json\n"
+        "  harness check results-machine-a results-machine-b   (the same study, lined up)",
     )
-    check.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    check.add_argument(
+        "results", type=Path, nargs="+", help="results directory (RESULTS/<sweep>/runs/*.json); several line up"
+    )
     _add_sweep(check)
     check.add_argument(
         "--json", action="store_true", help="print the machine-readable document (keys in docs/check-json.md)"
@@ -187,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "markdown stability report with PNG plots beside it (same store, same bytes)",
         "harness report demo/results --out reports/demo.md",
     )
-    report.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    report.add_argument(
+        "results", type=Path, nargs="+", help="results directory (RESULTS/<sweep>/runs/*.json); several line up"
+    )
     _add_sweep(report)
     report.add_argument(
         "--out",
@@ -323,19 +330,19 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0 if tally.clean else EXIT_FAILED_RUN
 
 
-def _say_bad_records(command: str, results: Path, store: Store) -> None:
+def _say_bad_records(command: str, store: Store) -> None:
     """One stderr line per record file left out: not a record, or not true to its scores."""
     for path, error in store.malformed:
-        print(f"harness {command}: malformed record {results / path}: {error} (skipped)", file=sys.stderr)
+        print(f"harness {command}: malformed record {store.full(path)}: {error} (skipped)", file=sys.stderr)
     for path, error in store.corrupt:
-        print(f"harness {command}: corrupt record {results / path}: {error} (left out)", file=sys.stderr)
+        print(f"harness {command}: corrupt record {store.full(path)}: {error} (left out)", file=sys.stderr)
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
     from harness.check import DEFAULT_TOLERANCE, check, to_text
 
     rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance, ns.sweep)
-    _say_bad_records("check", ns.results, rep.store)
+    _say_bad_records("check", rep.store)
     print(rep.json_text() if ns.json else to_text(rep), end="")
     return EXIT_FAILED_RUN if ns.strict and rep.strict_failure else 0
 
@@ -350,7 +357,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     out = ns.out or default_out(rep)
     command = report_command(ns.results, ns.sweep, ns.out)
     path, plots = write_report(rep, out, command)
-    _say_bad_records("report", ns.results, rep.store)
+    _say_bad_records("report", rep.store)
     print(f"wrote {path} ({len(rep.groups)} groups, {len(plots)} plots in {path.parent / path.stem})")
     return 0
 

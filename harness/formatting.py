@@ -45,6 +45,8 @@ class Nameable(Protocol):
     @property
     def role(self) -> str: ...
     @property
+    def variant(self) -> str | None: ...
+    @property
     def selection(self) -> dict[str, Any] | None: ...
 
 
@@ -55,11 +57,13 @@ def config_label(config: dict[str, Any]) -> str:
 
 def run_name(run: Nameable) -> str:
     """``patchcore disc seed=0 r1``; ``... best`` for a selected configuration's run; a trial
-    is named by its sampled values: ``ganomaly disc trial lr=0.00121,n_features=16``."""
+    is named by its sampled values: ``ganomaly disc trial lr=0.00121,n_features=16``; a run
+    in one of the study's named environments ends ``in aten-default``."""
+    where = f" in {run.variant}" if run.variant else ""
     if run.role == "trial":
-        return f"{run.model} {run.category} trial {config_label((run.selection or {}).get('config') or {})}"
+        return f"{run.model} {run.category} trial {config_label((run.selection or {}).get('config') or {})}{where}"
     name = f"{run.model} {run.category} seed={run.seed} r{run.repeat}"
-    return f"{name} best" if run.role == "best" else name
+    return f"{name} best{where}" if run.role == "best" else name + where
 
 
 def fmt_duration(seconds: float) -> str:

@@ -105,8 +105,20 @@ class RunRecord(_Part, frozen=True):
         return self.status == "ok"
 
     @property
-    def hardware_id(self) -> str | None:
-        value = self.environment.get("hardware_id")
+    def environment_id(self) -> str | None:
+        """The execution environment's id (records before environments had ``hardware_id``)."""
+        value = self.environment.get("environment_id", self.environment.get("hardware_id"))
+        return value if isinstance(value, str) else None
+
+    @property
+    def variant(self) -> str | None:
+        """The study's name for the environment it ran in (None: it named none)."""
+        value = self.environment.get("variant")
+        return value if isinstance(value, str) else None
+
+    @property
+    def machine_id(self) -> str | None:
+        value = self.environment.get("machine_id")
         return value if isinstance(value, str) else None
 
     @property

@@ -29,7 +29,7 @@ import numpy as np
 from harness.datasets import DATA_SPLIT_SEED, DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
-from harness.fingerprint import fingerprint, local_hardware_id
+from harness.fingerprint import check_requested, environment_id, fingerprint
 from harness.hashing import sha256_file, stable_hash, state_sha256
 from harness.models import ModelArgs, SharedFeatures, get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing, ValidationInfo
@@ -44,21 +44,41 @@ def resolve_device(requested: str) -> str:
 
     if requested == "cpu":
         return "cpu"
-    if torch.cuda.is_available():
-        return "cuda:0"
-    if requested == "cuda":
-        raise HarnessError("--device cuda: no CUDA device is visible to this process")
+    index = int(requested.partition(":")[2] or 0)
+    if torch.cuda.is_available() and index < torch.cuda.device_count():
+        return f"cuda:{index}"
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        seen = f"only {count} CUDA devices are visible" if count else "no CUDA device is visible"
+        raise HarnessError(f"--device {requested}: {seen} to this process")
     return "cpu"
 
 
-def seed_everything(seed: int, deterministic: bool, threads: int) -> None:
-    """Seed every RNG a run draws from and set the determinism switches.
+def execution_settings(spec: RunSpec, device: str) -> dict[str, Any]:
+    """The execution settings the run applies, every one of them: what its variant sets, the
+    defaults for the rest (a reused worker must not keep the last variant's)."""
+    env = spec.environment
+    return {
+        "device": device,
+        "threads": spec.threads,
+        "matmul_precision": (env and env.matmul_precision) or "highest",
+        "onednn": env.onednn if env and env.onednn is not None else True,
+        "autocast": (env and env.autocast) or "fp32",
+        "deterministic": spec.deterministic_mode,
+    }
+
+
+def seed_everything(seed: int, settings: dict[str, Any]) -> None:
+    """Seed every RNG a run draws from and apply the execution settings.
 
     anomalib's coreset draws its start index from torch and its random projection from
     numpy's global RNG; the thread count changes float reduction order, so it is fixed too.
     """
     import torch
 
+    deterministic, threads = settings["deterministic"], settings["threads"]
+    torch.set_float32_matmul_precision(settings["matmul_precision"])
+    torch.backends.mkldnn.enabled = settings["onednn"]
     if deterministic:
         # cuBLAS needs this before its first call to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -144,9 +164,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def make_run_id(spec: RunSpec, hardware_id: str) -> str:
-    """Stable over reruns of the same run on the same hardware: the store's resume key."""
-    return stable_hash({**spec.key(), "hardware_id": hardware_id})
+def make_run_id(spec: RunSpec, environment_id: str) -> str:
+    """Stable over reruns of the same run in the same environment: the store's resume key."""
+    return stable_hash({**spec.key(), "environment_id": environment_id})
 
 
 def pre_processor(image_size: int) -> Any:
@@ -308,7 +328,8 @@ def fit_and_predict(
         limit_train_batches=1 if features is not None and features.embedding is not None else 1.0,
         num_sanity_val_steps=0,
         callbacks=[_validation_scores(on_val, base)] if trial and on_val else None,
-        deterministic=spec.deterministic,
+        deterministic=spec.deterministic_mode,
+        precision="bf16-mixed" if spec.environment and spec.environment.autocast == "bf16" else "32-true",
         max_epochs=adapter.max_epochs(args),
     )
     t0 = time.perf_counter()
@@ -359,7 +380,13 @@ def _timing(fitted: Fitted | None, total_s: float) -> Timing:
 
 def planned_run_id(spec: RunSpec) -> str:
     """The id ``run_one`` will give this run here, without running it: what a sweep resumes by."""
-    return make_run_id(spec, local_hardware_id(resolve_device(spec.device), spec.resources.cpu))
+    device = resolve_device(spec.device)
+    return make_run_id(spec, environment_id(device, execution_settings(spec, device)))
+
+
+def run_fingerprint(spec: RunSpec, device: str) -> dict[str, Any]:
+    requested = spec.environment.settings() if spec.environment else {}
+    return fingerprint(device, execution_settings(spec, device), spec.environment_name, requested)
 
 
 @dataclass
@@ -387,7 +414,7 @@ class RunState:
             device = resolve_device(spec.device)
         except HarnessError:
             device = "cpu"
-        return cls(spec, fingerprint(device, spec.resources.cpu), spec.params(), spec.data.root, None)
+        return cls(spec, run_fingerprint(spec, device), spec.params(), spec.data.root, None)
 
     def last_validation(self) -> dict[str, float | None]:
         return {k: v for k, v in (self.curve[-1] if self.curve else {}).items() if k != "epoch"}
@@ -413,7 +440,7 @@ def build_record(
     unmeasured = Memory(peak_rss_bytes=0, process_peak_rss_bytes=0, peak_gpu_bytes=None)
     memory = state.memory.result() if state.memory else unmeasured
     return RunRecord(
-        run_id=make_run_id(spec, state.environment["hardware_id"]),
+        run_id=make_run_id(spec, state.environment["environment_id"]),
         sweep=spec.sweep,
         study=spec.study,
         model=spec.model,
@@ -455,14 +482,14 @@ def shared_features(
     """The cache's entry for this run's training features, when they do not depend on the seed.
 
     The key is everything but the seed: model, every setting with the content hashes of data
-    and weights, device and thread count (both can change float results), and the repeat:
-    each repeat extracts its own, so repeats still test that extraction is deterministic.
+    and weights, the execution settings and environment (all can change float results), and
+    the repeat: each repeat extracts its own, so repeats still test that extraction is
+    deterministic.
     """
     if cache is None or not get_model(spec.model).shares_features(args):
         return None
-    key = stable_hash(
-        [spec.model, _params(spec, args, data), device, spec.resources.cpu, spec.deterministic, spec.repeat]
-    )
+    settings = execution_settings(spec, device)
+    key = stable_hash([spec.model, _params(spec, args, data), environment_id(device, settings), spec.repeat])
     return cache.setdefault(key, SharedFeatures(key))
 
 
@@ -478,13 +505,15 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None, cache: FeatureCach
     args = adapter.Args.model_validate(spec.model_args)
     data = check_data(spec.data, spec.category)
     adapter.check(args)
+    if spec.environment is not None:
+        check_requested(spec.environment.settings())
     device = resolve_device(spec.device)
     shared = shared_features(cache, spec, args, data, device)
     info = None if shared is None else {"key": shared.key, "reused": shared.embedding is not None}
     with quiet():
-        seed_everything(spec.seed, spec.deterministic, spec.resources.cpu)
+        seed_everything(spec.seed, execution_settings(spec, device))
         monitor = MemoryMonitor(device)
-        env = fingerprint(device, spec.resources.cpu)
+        env = run_fingerprint(spec, device)
         state = RunState(spec, env, _params(spec, args, data), str(data.root), data.sha256, monitor, info)
 
         def on_val(pred: Predicted, n_train: int) -> None:

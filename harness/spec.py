@@ -8,6 +8,7 @@ its flags, so a single run and a sweep's run are the same thing.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
@@ -15,10 +16,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
+from harness.hashing import stable_hash
 from harness.models import get_model
 from harness.record import Role
 
 Device = Literal["auto", "cpu", "cuda"]
+# oneDNN's ISA caps (its DNNL_MAX_CPU_ISA values), lower to higher.
+ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "ALL",
+)
 
 
 class StrictModel(BaseModel):
@@ -42,6 +59,49 @@ class DataSpec(StrictModel):
     mask_dir: str | None = Field(default=None, min_length=1)
     normal_test_dir: str | None = Field(default=None, min_length=1)
     normal_split_ratio: float = Field(default=0.2, gt=0, lt=1)
+
+
+class EnvVariant(StrictModel):
+    """One named execution environment of a study: what it changes from the one it runs in.
+
+    ``aten_cpu_capability`` and ``onednn_max_isa`` are read by torch once, when it loads: a
+    variant that sets them runs in worker processes started with them (``env_vars``). The
+    rest are set by the run itself. Unset fields stay as the worker has them.
+    """
+
+    threads: int | None = Field(default=None, ge=1, le=256)
+    # ATen's dispatch levels: x86 default, avx2, avx512; s390x zvector; aarch64 sve256.
+    aten_cpu_capability: Literal["default", "avx2", "avx512", "zvector", "sve256"] | None = None
+    onednn_max_isa: str | None = None
+    onednn: bool | None = None  # False: torch.backends.mkldnn off (ATen's own kernels)
+    matmul_precision: Literal["highest", "high", "medium"] | None = None
+    autocast: Literal["fp32", "bf16"] | None = None
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    deterministic: bool | None = None
+
+    @field_validator("onednn_max_isa")
+    @classmethod
+    def _isa(cls, isa: str | None) -> str | None:
+        if isa is None:
+            return None
+        if isa.upper() not in ONEDNN_ISAS:
+            raise ValueError(f"{isa!r} is not a oneDNN ISA ({', '.join(ONEDNN_ISAS)})")
+        return isa.upper()
+
+    def env_vars(self) -> dict[str, str]:
+        """What the worker process must be started with (torch reads these when it loads)."""
+        out: dict[str, str] = {}
+        if self.aten_cpu_capability is not None:
+            out["ATEN_CPU_CAPABILITY"] = self.aten_cpu_capability
+        if self.onednn_max_isa is not None:
+            out["DNNL_MAX_CPU_ISA"] = self.onednn_max_isa
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+ENV_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ResourcesSpec(StrictModel):
@@ -149,6 +209,8 @@ class ExperimentSpec(StrictModel):
     # Runs (or trials) in flight at once; 0: as many as the cluster's resources allow.
     max_concurrent: int = Field(default=0, ge=0)
     tracking: TrackingSpec = TrackingSpec()
+    # Named execution environments: every run (every search) once in each. None: the one it is in.
+    environments: dict[str, EnvVariant] | None = Field(default=None, min_length=1)
     # study: hpo only.
     search_space: dict[str, SearchDim] | None = None
     num_samples: int = Field(default=8, ge=1, le=10_000)
@@ -172,7 +234,28 @@ class ExperimentSpec(StrictModel):
         for key in self.search_space or {}:
             if not (key.startswith(SEARCHABLE_PREFIXES) or key in SEARCHABLE_KEYS):
                 raise ValueError(f"search_space.{key}: not searchable (model_args.* or {', '.join(SEARCHABLE_KEYS)})")
+        self._check_environments()
         return self
+
+    def _check_environments(self) -> None:
+        """Variants that could not run as asked are refused now, before any run."""
+        seen: dict[str, str] = {}
+        for name, env in (self.environments or {}).items():
+            where = f"environments.{name}"
+            if not re.match(ENV_NAME, name):
+                raise ValueError(f"{where}: a name of letters, digits, '.', '_' or '-' (up to 64)")
+            if env.threads is not None and env.threads > self.resources.cpu:
+                raise ValueError(f"{where}.threads={env.threads} is more than resources.cpu={self.resources.cpu}")
+            if env.device and env.device.startswith("cuda"):
+                index = int(env.device.partition(":")[2] or 0)
+                if self.resources.gpu < index + 1:
+                    raise ValueError(
+                        f"{where}.device={env.device} needs resources.gpu >= {index + 1} (it is {self.resources.gpu:g})"
+                    )
+            key = stable_hash(env.settings())
+            if key in seen:
+                raise ValueError(f"{where}: the same settings as environments.{seen[key]}")
+            seen[key] = name
 
     @field_validator("model")
     @classmethod
@@ -211,7 +294,10 @@ class RunSpec(StrictModel):
     repeat: int
     deterministic: bool
     resources: ResourcesSpec
-    device: Device = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    # The named environment the run is made in (None: the worker's own, as it is).
+    environment_name: str | None = None
+    environment: EnvVariant | None = None
     # HPO: a trial is scored on `validation` (never the test split); a best-config run
     # carries how its configuration was selected.
     role: Role = "run"
@@ -243,6 +329,25 @@ class RunSpec(StrictModel):
             # Chosen by another rule or from another trial: another run, not a stored one.
             key["selected_by"] = {k: self.selection.get(k) for k in ("metric", "mode", "trial_run_id")}
         return key
+
+    @property
+    def variant(self) -> str | None:
+        return self.environment_name
+
+    @property
+    def threads(self) -> int:
+        """torch's thread count: the variant's, else one per reserved CPU."""
+        env = self.environment
+        return env.threads if env and env.threads else self.resources.cpu
+
+    @property
+    def deterministic_mode(self) -> bool:
+        """Whether the run asks torch for deterministic algorithms: the variant's say, else the spec's."""
+        env = self.environment
+        return env.deterministic if env and env.deterministic is not None else self.deterministic
+
+    def env_vars(self) -> dict[str, str]:
+        return self.environment.env_vars() if self.environment else {}
 
     def params(self) -> dict[str, Any]:
         """Model and data settings, with no machine's paths in them.
@@ -350,8 +455,11 @@ def run_spec(
     *,
     role: Role = "run",
     selection: dict[str, Any] | None = None,
+    environment: str | None = None,
 ) -> RunSpec:
-    """One point of the study's grid (or one HPO trial, scored on the validation split)."""
+    """One point of the study's grid (or one HPO trial, scored on the validation split), in
+    the named environment of the spec's (None: the one it runs in)."""
+    variant = (spec.environments or {})[environment] if environment is not None else None
     return RunSpec(
         sweep=spec.name,
         study=spec.study,
@@ -363,19 +471,32 @@ def run_spec(
         repeat=repeat,
         deterministic=spec.deterministic,
         resources=spec.resources,
-        device=device,
+        device=variant.device if variant and variant.device else device,
+        environment_name=environment,
+        environment=variant,
         role=role,
         validation=spec.validation if role == "trial" else None,
         selection=selection,
     )
 
 
+def environment_names(spec: ExperimentSpec) -> list[str | None]:
+    """The study's environments by name, in the spec's order ([None]: just the one it is in)."""
+    return list(spec.environments) if spec.environments else [None]
+
+
 def expand(
-    spec: ExperimentSpec, device: Device = "auto", *, role: Role = "run", selection: dict[str, Any] | None = None
+    spec: ExperimentSpec,
+    device: Device = "auto",
+    *,
+    role: Role = "run",
+    selection: dict[str, Any] | None = None,
+    environments: list[str | None] | None = None,
 ) -> list[RunSpec]:
-    """The study's grid, categories x seeds x repeats, in a fixed order."""
+    """The study's grid, environments x categories x seeds x repeats, in a fixed order."""
     return [
-        run_spec(spec, category, seed, repeat, device, role=role, selection=selection)
+        run_spec(spec, category, seed, repeat, device, role=role, selection=selection, environment=env)
+        for env in (environment_names(spec) if environments is None else environments)
         for category in spec.data.categories
         for seed in spec.seeds
         for repeat in range(spec.repeats)

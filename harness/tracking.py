@@ -96,7 +96,9 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
 
 def run_tags(record: RunRecord) -> list[str]:
     tags = [record.category, f"seed{record.seed}", record.role]
-    tags += [f"hw-{record.hardware_id}"] if record.hardware_id else []
+    tags += [f"env-{record.environment_id}"] if record.environment_id else []
+    variant = record.environment.get("variant")
+    tags += [f"variant-{variant}"] if variant else []
     tags += ["failed"] if not record.ok else []
     return [t[:64] for t in tags]  # W&B's limit
 

@@ -1,7 +1,7 @@
 """Run records built by hand, for checker and report tests with known answers (and the benchmark).
 
 A record here has every field a real one has (see ``harness.record.RunRecord``); a test sets
-only what its answer depends on: metrics, scores, hashes, hardware.
+only what its answer depends on: metrics, scores, hashes, environments.
 """
 
 from __future__ import annotations
@@ -31,9 +31,43 @@ ENV = {
         "deterministic_algorithms": True,
     },
     "device": "cpu",
+    "cpu": {
+        "family": "23",
+        "flags_sha256": "c090079937c53213",
+        "isa": ["sse4_1", "avx", "avx2", "fma"],
+        "microcode": "0x1000065",
+        "model": "AMD EPYC",
+        "model_number": "1",
+        "stepping": "2",
+        "vendor": "AuthenticAMD",
+    },
+    "execution": {
+        "autocast": "fp32",
+        "deterministic": True,
+        "device": "cpu",
+        "matmul_precision": "highest",
+        "onednn": True,
+        "threads": 2,
+    },
+    "gpu_capability": None,
+    "driver": None,
+    "image": None,
+    "kernel": "6.18.44",
+    "requested": {},
+    "torch_build": {
+        "blas": "mkl",
+        "cpu_capability": "avx2",
+        "lapack": "mkl",
+        "mkl": "2024.2-Product",
+        "onednn_available": True,
+        "onednn_isa": "AVX2",
+        "onednn_version": "v3.12.0",
+    },
+    "variant": None,
     "gpu_count": 0,
     "gpu_name": None,
-    "hardware_id": "cpu-epyc-2t",
+    "environment_id": "cpu-epyc-2t",
+    "machine_id": "epyc",
     "harness_commit": "0123456789abcdef0123456789abcdef01234567",
     "host": "vm",
     "lightning": "2.6.6",
@@ -46,7 +80,9 @@ ENV = {
     "torch": "2.14.1",
     "torchvision": "0.29.1",
 }
-GPU_ENV = {**ENV, "device": "cuda:0", "gpu_count": 1, "gpu_name": "NVIDIA H200", "hardware_id": "gpu-h200"}
+GPU_ENV = {**ENV, "device": "cuda:0", "gpu_count": 1, "gpu_name": "NVIDIA H200", "gpu_capability": "9.0"}
+GPU_ENV |= {"environment_id": "gpu-h200", "machine_id": "epyc-h200", "driver": "580.95.05"}
+GPU_ENV["execution"] = {**ENV["execution"], "device": "cuda:0"}
 
 PARAMS: dict[str, dict[str, Any]] = {
     "patchcore": {
@@ -138,7 +174,7 @@ def make_record(
     if maps_sha256 == "auto":
         maps_sha256 = None if model == "ganomaly" else _sha(["map", *scores])
     ok = status == "ok"
-    run_id = stable_hash([sweep, model, params, category, seed, repeat, env["hardware_id"], role])
+    run_id = stable_hash([sweep, model, params, category, seed, repeat, env["environment_id"], role])
     record: dict[str, Any] = {
         "schema": "harness.run/1",
         "run_id": run_id,

@@ -131,17 +131,19 @@ def test_without_repeats_determinism_is_untested(tmp_path: Path, capsys: pytest.
     assert "untested (no repeats; set repeats: 2)" in capsys.readouterr().out  # and how to test it
 
 
-def test_a_planted_cross_hardware_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_planted_cross_environment_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cpu = seeds_of(AUROCS)
     gpu = seeds_of([v + 0.02 for v in AUROCS], env=GPU_ENV)
     write_records(tmp_path, cpu + gpu)
     _, doc = check_json(tmp_path, capsys=capsys)
     group = only_group(doc)
-    assert group["hardware_ids"] == ["cpu-epyc-2t", "gpu-h200"]
+    assert group["environment_ids"] == ["cpu-epyc-2t", "gpu-h200"]
     assert group["metrics"]["image_AUROC"]["n"] == 5  # a seed counts once, whatever ran it
     assert group["metrics"]["image_AUROC"]["mean"] == pytest.approx(0.85)
-    (cross,) = group["cross_hardware"]
-    assert (cross["hardware_a"], cross["hardware_b"], cross["seeds"]) == ("cpu-epyc-2t", "gpu-h200", [0, 1, 2, 3, 4])
+    (cross,) = group["cross_environment"]
+    assert (cross["environment_a"], cross["environment_b"]) == ("cpu-epyc-2t", "gpu-h200")
+    assert cross["seeds"] == [0, 1, 2, 3, 4]
+    assert cross["same_machine"] is False
     assert cross["deltas"]["image_AUROC"]["mean"] == pytest.approx(0.02)
     assert cross["deltas"]["image_AUROC"]["max_abs"] == pytest.approx(0.02)
     assert cross["deltas"]["pixel_AUROC"] == {"mean": 0.0, "max_abs": 0.0}
@@ -150,9 +152,10 @@ def test_a_planted_cross_hardware_delta(tmp_path: Path, capsys: pytest.CaptureFi
     diff = cross["fingerprint_diff"]
     assert diff["device"] == ["cpu", "cuda:0"]
     assert diff["gpu_name"] == [None, "NVIDIA H200"]
-    assert "hardware_id" not in diff
+    assert "environment_id" not in diff
+    assert "machine_id" not in diff
     assert "torch" not in diff
-    assert only_group(doc)["determinism"]["verdict"] == "untested"  # other hardware is not a repeat
+    assert only_group(doc)["determinism"]["verdict"] == "untested"  # another environment is not a repeat
 
 
 @pytest.mark.parametrize(
@@ -298,9 +301,11 @@ JSON_KEYS = {
     "groups",
     "comparisons",
     "searches",
+    "across_environments",
 }
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
-GROUP_KEYS |= {"hardware_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_hardware"}
+GROUP_KEYS |= {"environment_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_environment"}
+GROUP_KEYS |= {"metrics_by_environment"}
 
 
 def nested_keys(doc: Any, prefix: str = "") -> set[str]:
@@ -308,7 +313,8 @@ def nested_keys(doc: Any, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     if isinstance(doc, dict):
         for k, v in doc.items():
-            if prefix.endswith(("metrics", "deltas", "metric_diffs", "fingerprint_diff", "env_diff", "config")):
+            keyed = ("metrics", "deltas", "metric_diffs", "fingerprint_diff", "env_diff", "config", "by_environment")
+            if prefix.endswith(keyed):
                 keys |= nested_keys(v, prefix)  # keyed by metric or field name
                 continue
             keys.add(k)
@@ -335,7 +341,8 @@ def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.Ca
     for key in JSON_KEYS | GROUP_KEYS:
         assert f"`{key}`" in json_section, key
     everything = nested_keys(doc)
-    assert {"differing", "cross_hardware", "comparisons", "selections", "p_a_better", "env_diff"} <= everything
+    assert {"differing", "cross_environment", "comparisons", "selections", "p_a_better", "env_diff"} <= everything
+    assert {"kendall_tau", "ranking_identical", "search_winners"} <= everything
     for key in everything:
         assert re.search(rf"\b{key}\b", json_section), key
 
@@ -416,11 +423,11 @@ def test_a_failed_repeat_is_said_in_the_determinism_cell(tmp_path: Path, capsys:
     assert "untested (no repeats; 1 repeat failed)" in capsys.readouterr().out
 
 
-def test_opposite_hardware_deltas_do_not_cancel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_opposite_environment_deltas_do_not_cancel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gpu = seeds_of([0.85, 0.80, 0.90], env=GPU_ENV)
     write_records(tmp_path, seeds_of([0.80, 0.85, 0.90]) + gpu)
     _, doc = check_json(tmp_path, capsys=capsys)
-    (cross,) = only_group(doc)["cross_hardware"]
+    (cross,) = only_group(doc)["cross_environment"]
     assert cross["deltas"]["image_AUROC"] == {"mean": pytest.approx(0.0), "max_abs": pytest.approx(0.05)}
     std = statistics.stdev([0.825, 0.825, 0.90])
     assert cross["delta_over_seed_std"] == pytest.approx((0.05 + 0.05 + 0.0) / 3 / std)

@@ -56,7 +56,12 @@ REQUIRED_ENV = {
     "cpu_model",
     "threads",
     "determinism",
-    "hardware_id",
+    "machine_id",
+    "environment_id",
+    "execution",
+    "torch_build",
+    "cpu",
+    "kernel",
 }
 
 

@@ -98,12 +98,12 @@ def test_each_stored_record_is_one_wandb_run_and_the_summary_run_holds_the_table
         run = one_run(runs, rec["run_id"])
         assert (run.project, run.group, run.job_type) == ("ad-test", "s1", "patchcore")
         assert run.name == f"patchcore disc seed={rec['seed']} r{rec['repeat']}"  # as progress names it
-        assert {"disc", f"seed{rec['seed']}", "run", "hw-cpu-epyc-2t"} <= set(run.tags)
+        assert {"disc", f"seed{rec['seed']}", "run", "env-cpu-epyc-2t"} <= set(run.tags)
         assert run.config["seed"] == rec["seed"]
         assert run.config["repeat"] == rec["repeat"]
         assert run.config["model_args.coreset_sampling_ratio"] == 0.1
         assert run.config["data.image_size"] == 64
-        assert run.config["environment.hardware_id"] == "cpu-epyc-2t"
+        assert run.config["environment.environment_id"] == "cpu-epyc-2t"
         assert run.summary["status"] == rec["status"]
         assert run.summary["memory.peak_rss_bytes"] == rec["memory"]["peak_rss_bytes"]
         assert run.summary["timing.total_s"] == rec["timing"]["total_s"]

@@ -2,7 +2,7 @@
 
 - ``load``: record files to ``Run``s (worker processes for large stores);
 - ``stats``: seed spread with bootstrap intervals, P(A>B), and the thresholds;
-- ``pairs``: determinism and cross-hardware verdicts on pairs of runs;
+- ``pairs``: determinism and cross-environment verdicts on pairs of runs;
 - ``groups``: grouping, comparisons, searches, and ``check()`` itself;
 - ``summary``: the terminal table and the lines the report shares.
 """

@@ -17,8 +17,16 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from harness.check.load import COST, QUALITY, Run, Store, gc_paused, load_store
-from harness.check.pairs import DEFAULT_TOLERANCE, VERDICTS, CrossHardware, Determinism, cross_hardware, determinism
+from harness.check.load import COST, QUALITY, Run, Store, gc_paused, load_stores
+from harness.check.pairs import (
+    DEFAULT_TOLERANCE,
+    VERDICTS,
+    CrossEnvironment,
+    Determinism,
+    cross_environment,
+    determinism,
+    environment_order,
+)
 from harness.check.stats import Stat, bootstrap_means, comparison_verdict, probability_of_improvement
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
@@ -42,7 +50,20 @@ class Group:
     failed: list[Run]
     stats: dict[str, Stat] = field(default_factory=dict)
     determinism: Determinism = field(default_factory=lambda: Determinism([]))
-    cross_hardware: list[CrossHardware] = field(default_factory=list)
+    cross_environment: list[CrossEnvironment] = field(default_factory=list)
+    # With runs in several environments: each one's seed statistics (environment id -> metric).
+    env_stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
+
+    @property
+    def environments(self) -> list[str]:
+        return environment_order(self.ok)
+
+    def in_environment(self, env: str) -> Group:
+        """The group's runs in one environment, with that environment's statistics."""
+        ok = [r for r in self.ok if r.environment_id == env]
+        failed = [r for r in self.failed if r.environment_id == env]
+        key = (self.sweep, self.model, self.category, self.role, self.config_id)
+        return Group(*key, self.label, ok, failed, self.env_stats.get(env, self.stats))
 
     @property
     def id(self) -> str:
@@ -81,9 +102,9 @@ class Group:
             "config_id": self.config_id,
             "n_runs": len(self.ok),
             "seeds": self.seeds,
-            "repeats": max(Counter((r.seed, r.hardware_id) for r in self.ok).values(), default=0),
+            "repeats": max(Counter((r.seed, r.environment_id) for r in self.ok).values(), default=0),
             "data_sha256": self.data_sha256,
-            "hardware_ids": sorted({r.hardware_id for r in self.ok}),
+            "environment_ids": self.environments,
             "note": self.note,
             "failed": [
                 {"run_id": r.run_id, "seed": r.seed, "repeat": r.repeat, "error": r.error, "path": r.path}
@@ -91,7 +112,10 @@ class Group:
             ],
             "metrics": {m: s.to_json() for m, s in self.stats.items()},
             "determinism": self.determinism.to_json(),
-            "cross_hardware": [c.to_json() for c in self.cross_hardware],
+            "cross_environment": [c.to_json() for c in self.cross_environment],
+            "metrics_by_environment": {
+                env: {m: s.to_json() for m, s in stats.items() if m in QUALITY} for env, stats in self.env_stats.items()
+            },
         }
 
 
@@ -138,13 +162,24 @@ _SELECTION_FIELDS = {
 
 @dataclass
 class Search:
-    """One HPO search (a sweep's trials for one model and category) and what it selected."""
+    """One HPO search (a sweep's trials for one model and category, in one environment) and
+    what it selected."""
 
     sweep: str
     model: str
     category: str
+    environment: str | None  # None: a best-config group with no trials stored beside it
     trials: list[Run]
     best: list[Group]  # best-config groups it led to (more than one if a rerun chose again)
+
+    @property
+    def variant(self) -> str | None:
+        return next((r.variant for r in self.trials), None)
+
+    @property
+    def winner(self) -> dict[str, Any] | None:
+        """The configuration the search selected (its latest best-config group's)."""
+        return (self.best[-1].selection or {}).get("config") if self.best else None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -161,6 +196,8 @@ class Search:
             "sweep": self.sweep,
             "model": self.model,
             "category": self.category,
+            "environment": self.environment,
+            "variant": self.variant,
             **self.counts,
             "selections": [
                 {"group": g.label} | {key: (g.selection or {}).get(field) for key, field in _SELECTION_FIELDS.items()}
@@ -178,6 +215,51 @@ class CheckReport:
     groups: list[Group]
     comparisons: list[Comparison]
     searches: list[Search]
+    # With several environments: the comparisons made in each, by environment id.
+    env_comparisons: dict[str, list[Comparison]] = field(default_factory=dict)
+
+    @property
+    def environments(self) -> dict[str, Run]:
+        """Each environment of the checked runs, with one of its runs (to name it by)."""
+        runs = [r for g in self.groups for r in g.ok]
+        first = {r.environment_id: r for r in reversed(runs)}
+        return {env: first[env] for env in environment_order(runs)}
+
+    def search_winners(self) -> list[tuple[tuple[str, str, str], list[Search]]]:
+        """Searches of one sweep, model and category made in more than one environment."""
+        by_key: dict[tuple[str, str, str], list[Search]] = defaultdict(list)
+        for s in self.searches:
+            if s.environment is not None and s.best:
+                by_key[(s.sweep, s.model, s.category)].append(s)
+        return [(k, v) for k, v in by_key.items() if len(v) > 1]
+
+    @staticmethod
+    def same_winner(searches: list[Search]) -> bool:
+        return len({stable_hash(s.winner) for s in searches}) == 1
+
+    def across_environments(self) -> dict[str, Any]:
+        """Whether the conclusions hold in each environment: comparisons and search winners."""
+        return {
+            "environments": [
+                {"environment_id": env, "variant": r.variant, "machine_id": r.machine_id}
+                for env, r in self.environments.items()
+            ],
+            "comparisons": [
+                {"environment": env, **c.to_json()} for env, cs in self.env_comparisons.items() for c in cs
+            ],
+            "search_winners": [
+                {
+                    "sweep": sweep,
+                    "model": model,
+                    "category": category,
+                    "same_winner": self.same_winner(searches),
+                    "winners": [
+                        {"environment": s.environment, "variant": s.variant, "config": s.winner} for s in searches
+                    ],
+                }
+                for (sweep, model, category), searches in self.search_winners()
+            ],
+        }
 
     @property
     def diverged(self) -> list[Group]:
@@ -216,6 +298,7 @@ class CheckReport:
             "groups": [g.to_json() for g in self.groups],
             "comparisons": [c.to_json() for c in self.comparisons],
             "searches": [s.to_json() for s in self.searches],
+            "across_environments": self.across_environments(),
         }
 
     def json_text(self) -> str:
@@ -239,16 +322,16 @@ def _groups(store: Store) -> list[Group]:
         configs[(sweep, model, category, role)] += 1
     groups = []
     for key, runs in sorted(members.items()):
-        runs.sort(key=lambda r: (r.seed, r.repeat, r.hardware_id, r.run_id))
+        runs.sort(key=lambda r: (r.seed, r.repeat, r.environment_id, r.run_id))
         label = _label(runs[0], key[4], configs[key[:4]] > 1)
         ok = [r for r in runs if r.status == "ok"]
         groups.append(Group(*key, label, ok, [r for r in runs if r.status == "failed"]))
     return sorted(groups, key=lambda g: (g.category, g.label))
 
 
-def _seed_stats(group: Group) -> dict[str, Stat]:
+def _seed_stats(runs: list[Run]) -> dict[str, Stat]:
     per_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in group.ok:
+    for run in runs:
         for m, v in run.metrics.items():
             per_seed[m][run.seed].append(v)
     stats = {}
@@ -281,38 +364,64 @@ def _comparisons(groups: list[Group]) -> list[Comparison]:
     return [Comparison(c, m, a, b, *res) for (c, m, a, b), res in zip(todo, results, strict=True)]
 
 
+_SearchKey = tuple[str, str, str, str | None]
+
+
 def _searches(store: Store, groups: list[Group]) -> list[Search]:
-    trials: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
+    """Searches by sweep, model, category and environment (a study with environments searches
+    in each); a best-config group belongs to the search of each environment it ran in, seen
+    in that environment (its runs there, how they were selected, their statistics)."""
+    trials: dict[_SearchKey, list[Run]] = defaultdict(list)
     for run in store.runs:
         if run.role == "trial":
-            trials[(run.sweep, run.model, run.category)].append(run)
-    best: dict[tuple[str, str, str], list[Group]] = defaultdict(list)
+            trials[(run.sweep, run.model, run.category, run.environment_id)].append(run)
+    best: dict[_SearchKey, list[Group]] = defaultdict(list)
     for g in groups:
         if g.role == "best":
-            best[(g.sweep, g.model, g.category)].append(g)
-    return [Search(*key, trials.get(key, []), best.get(key, [])) for key in sorted(set(trials) | set(best))]
+            envs = {r.environment_id for r in (*g.ok, *g.failed)}
+            searched: list[str | None] = [e for e in envs if (g.sweep, g.model, g.category, e) in trials]
+            for env in searched or [None]:  # its runs in that environment, and their statistics
+                best[(g.sweep, g.model, g.category, env)].append(g if env is None else g.in_environment(env))
+    keys = sorted(set(trials) | set(best), key=lambda k: (*k[:3], k[3] or ""))
+    return [Search(*key, trials.get(key, []), best.get(key, [])) for key in keys]
 
 
-def check(root: Path, tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
-    """Read the store at ``root`` (one sweep of it, or all) and compute every verdict."""
+def _env_comparisons(groups: list[Group]) -> dict[str, list[Comparison]]:
+    """With groups in more than one environment: the model comparisons made in each alone."""
+    envs = environment_order([r for g in groups for r in g.ok])
+    if len(envs) < 2:
+        return {}
+    return {env: _comparisons([g.in_environment(env) for g in groups if env in g.environments]) for env in envs}
+
+
+def check(root: Path | list[Path], tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
+    """Read the store at ``root`` (or several, lined up as one; one sweep of them, or all) and
+    compute every verdict."""
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HarnessError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     with gc_paused():
-        return _check(root, tolerance, sweep)
+        return _check(root if isinstance(root, list) else [root], tolerance, sweep)
 
 
-def _check(root: Path, tolerance: float, sweep: str) -> CheckReport:
-    store = load_store(root, sweep)
+def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
+    store = load_stores(roots, sweep)
     if not store.runs:
         path, error = (store.malformed + store.corrupt)[0]
         bad = f"{len(store.malformed)} malformed, {len(store.corrupt)} corrupt"
-        raise HarnessError(f"no readable run record in {root}: {bad}, such as {path}: {error}")
+        raise HarnessError(f"no readable run record in {store.where}: {bad}, such as {path}: {error}")
     groups = _groups(store)
     for g in groups:
-        g.stats = _seed_stats(g)
-    bootstrap_means(s for g in groups for s in g.stats.values())
+        g.stats = _seed_stats(g.ok)
+        envs = g.environments
+        if len(envs) > 1:
+            g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
+    bootstrap_means(
+        s for g in groups for s in (*g.stats.values(), *(v for st in g.env_stats.values() for v in st.values()))
+    )
     for g in groups:
         g.determinism = determinism(g.ok, store, tolerance)
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
-        g.cross_hardware = cross_hardware(g.ok, std, store, tolerance)
-    return CheckReport(store, tolerance, groups, _comparisons(groups), _searches(store, groups))
+        g.cross_environment = cross_environment(g.ok, std, store, tolerance)
+    return CheckReport(
+        store, tolerance, groups, _comparisons(groups), _searches(store, groups), _env_comparisons(groups)
+    )

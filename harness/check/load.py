@@ -33,6 +33,8 @@ QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 COST = ("fit_s", "peak_rss_bytes", "peak_gpu_bytes")
 # Content hashes inside params: left out of a configuration's id (see ``settings_id``).
 CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
+# Ids hashed from the other fields: a difference in them says nothing the fields do not.
+IDS = {"hardware_id", "machine_id", "environment_id"}
 PARALLEL_MIN_FILES = 2000  # below this, worker start-up costs more than it saves
 _VERIFY_BLOCK = 4096  # records decoded, then verified together, at a time (about 50 MB of them)
 
@@ -52,8 +54,10 @@ class Run(msgspec.Struct, frozen=True):
     error: str | None  # its first line
     config_id: str  # hash of the settings, content hashes left out
     data_sha256: str | None  # the images' content hash (None if the run failed before reading them)
-    env_id: str
-    hardware_id: str
+    env_id: str  # hash of the whole environment record (host and commit included)
+    environment_id: str  # the execution environment: pairs with equal ids test determinism
+    machine_id: str | None  # the physical machine (None in records from before it was recorded)
+    variant: str | None  # the study's name for the environment, if it named one
     metrics: dict[str, float]  # quality metrics and, for ok runs, the COST figures
     scores_sha256: str | None
     maps_sha256: str | None
@@ -73,16 +77,40 @@ class Run(msgspec.Struct, frozen=True):
 
 @dataclass
 class Store:
-    """Everything read from a results directory."""
+    """Everything read from a results directory (or several, lined up: see ``load_stores``)."""
 
-    root: Path
+    root: Path  # the first of ``roots``
     n_files: int
     runs: list[Run]
     malformed: list[tuple[str, str]]  # (path, why): not a record
     corrupt: list[tuple[str, str]]  # (path, why): a record whose hash or metrics are not its scores'
     params: dict[str, dict[str, Any]]  # config_id -> params
     envs: dict[str, dict[str, Any]]  # env_id -> environment
+    roots: list[Path] = field(default_factory=list)
     _env_diffs: dict[tuple[str, str], dict[str, list[Any]]] = field(default_factory=dict, repr=False)
+
+    def full(self, path: str) -> Path:
+        """A record's path as a user can open it (merged stores' paths carry their directory)."""
+        return Path(path) if self.roots else self.root / path
+
+    @property
+    def where(self) -> str:
+        return " and ".join(str(r) for r in self.roots or [self.root])
+
+    def merge(self, other: Store) -> None:
+        """Add another store's records; paths of both are then prefixed by their directory."""
+        if not self.roots:
+            self.runs = _prefixed(self.runs, self.root)
+            self.malformed = [(f"{self.root}/{p}", e) for p, e in self.malformed]
+            self.corrupt = [(f"{self.root}/{p}", e) for p, e in self.corrupt]
+            self.roots = [self.root]
+        self.roots.append(other.root)
+        self.n_files += other.n_files
+        self.runs += _prefixed(other.runs, other.root)
+        self.malformed += [(f"{other.root}/{p}", e) for p, e in other.malformed]
+        self.corrupt += [(f"{other.root}/{p}", e) for p, e in other.corrupt]
+        self.params.update(other.params)
+        self.envs.update(other.envs)
 
     def env_diff(self, a: str, b: str) -> dict[str, list[Any]]:
         """What differs between two environments, worked out once per pair of them."""
@@ -91,10 +119,14 @@ class Store:
         return self._env_diffs[(a, b)]
 
 
+def _prefixed(runs: list[Run], root: Path) -> list[Run]:
+    return [msgspec.structs.replace(r, path=f"{root}/{r.path}") for r in runs]
+
+
 def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
     """Environment keys whose values differ (nested keys dotted), as [a, b]."""
     fa, fb = flatten(a), flatten(b)
-    keys = sorted((set(fa) | set(fb)) - {"hardware_id"})
+    keys = sorted((set(fa) | set(fb)) - IDS)
     return {k: [fa.get(k), fb.get(k)] for k in keys if fa.get(k) != fb.get(k)}
 
 
@@ -121,15 +153,15 @@ def _columns(rows: list[dict[str, int | float | None]]) -> dict[str, list[int | 
 
 
 def identified(record: RunRecord, rel: str) -> str:
-    """The record's hardware id, once it is known to be the record its file name says it is
-    (its run id), whole (an ok run has predictions) and placed (it has a hardware id)."""
+    """The record's environment id, once it is known to be the record its file name says it
+    is (its run id), whole (an ok run has predictions) and placed (it has an environment id)."""
     if record.run_id != rel.rsplit("/", 1)[-1].removesuffix(".json"):
         raise ValueError(f"run_id {record.run_id!r} does not match the file name")
     if record.ok and record.role != "trial" and record.predictions is None:
         raise ValueError("an ok run without predictions")
-    if not record.hardware_id:
-        raise ValueError("environment.hardware_id: missing or not a string")
-    return record.hardware_id
+    if not record.environment_id:
+        raise ValueError("environment.environment_id: missing or not a string")
+    return record.environment_id
 
 
 class _Reducer:
@@ -164,7 +196,7 @@ class _Reducer:
             self._images[key] = hashlib.sha1("\0".join(key).encode()).hexdigest()
         return self._images[key]
 
-    def reduce(self, record: RunRecord, rel: str, hardware_id: str) -> Run:
+    def reduce(self, record: RunRecord, rel: str, environment_id: str) -> Run:
         metrics = {k: v for k, v in record.metrics.items() if v is not None}
         if record.ok:
             cost = {"fit_s": record.timing.fit_s, "peak_rss_bytes": record.memory.peak_rss_bytes}
@@ -191,7 +223,9 @@ class _Reducer:
             scores=np.asarray(pred.image_scores, dtype=np.float64).tobytes() if pred else None,
             images_id=self.images(pred.image_paths) if pred else None,
             env_id=self.env(record.environment),
-            hardware_id=hardware_id,
+            environment_id=environment_id,
+            machine_id=record.machine_id,
+            variant=record.variant,
             started_at=record.started_at,
             finished_at=record.finished_at,
             data_root=record.data.root,
@@ -240,7 +274,7 @@ def _parse_files(root: str, rels: Sequence[str]) -> _Parsed:
                     malformed.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
             wrong = verify([record for _, record, _ in read])
             corrupt += [(read[i][0], why) for i, why in sorted(wrong.items())]
-            runs += [reducer.reduce(record, rel, hw) for i, (rel, record, hw) in enumerate(read) if i not in wrong]
+            runs += [reducer.reduce(record, rel, env) for i, (rel, record, env) in enumerate(read) if i not in wrong]
     return runs, malformed, corrupt, reducer.params, reducer.envs
 
 
@@ -286,4 +320,15 @@ def load_store(root: Path, sweep: str = "*") -> Store:
         store.corrupt += corrupt
         store.params.update(params)
         store.envs.update(envs)
+    return store
+
+
+def load_stores(roots: Sequence[Path], sweep: str = "*") -> Store:
+    """Read several results directories as one: the same study made in different environments
+    (on two machines, say) lines up by sweep, model, category, configuration and seed."""
+    store = load_store(roots[0], sweep)
+    for root in roots[1:]:
+        if root.resolve() in {r.resolve() for r in store.roots or [store.root]}:
+            raise HarnessError(f"{root} is given twice")
+        store.merge(load_store(root, sweep))
     return store

@@ -1,9 +1,10 @@
-"""Verdicts on pairs of runs that should agree: the same seed repeated on the same hardware
-(determinism), or run on other hardware (cross-hardware).
+"""Verdicts on pairs of runs that should agree: the same seed repeated in the same execution
+environment (determinism), or run in another (cross-environment: other hardware, another ISA,
+precision or library build).
 
 A pair is ``bitwise`` (equal score and map hashes), ``within_tolerance`` (hashes differ,
-every quality metric within the tolerance) or, beyond that, ``diverged`` (same hardware) /
-``differs`` (other hardware).
+every quality metric within the tolerance) or, beyond that, ``diverged`` (same environment) /
+``differs`` (another environment).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy.stats import kendalltau
 
 from harness.check.load import QUALITY, Run, Store
 from harness.formatting import fmt_small
@@ -26,16 +28,57 @@ VERDICTS = ("bitwise", "within_tolerance", "diverged")
 _SEVERITY = {"untested": -1, "bitwise": 0, "within_tolerance": 1, "diverged": 2, "differs": 2}
 
 
+def env_label(run: Run) -> str:
+    """How a run's environment is named: the study's name for it and its id, or the id."""
+    return f"{run.variant} ({run.environment_id})" if run.variant else run.environment_id
+
+
+@dataclass
+class ScoreDiff:
+    """How far two runs' per-image scores are apart (the same test images, in the same order)."""
+
+    max_abs: float
+    max_rel: float  # |b - a| / |a|, largest over images
+    ranking_identical: bool  # the images sort the same by score
+    kendall_tau: float  # rank agreement: 1 when the rankings are identical
+
+    @classmethod
+    def of(cls, a: Run, b: Run) -> ScoreDiff | None:
+        sa, sb = a.score_array(), b.score_array()
+        if sa is None or sb is None or a.images_id != b.images_id or len(sa) != len(sb):
+            return None  # different test images: scores do not line up
+        diff = np.abs(sa - sb)
+        rel = diff / np.maximum(np.abs(sa), np.finfo(np.float64).tiny)
+        same = bool(np.array_equal(np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")))
+        tau = 1.0 if same or len(sa) < 2 else float(kendalltau(sa, sb).statistic)
+        return cls(float(np.max(diff, initial=0.0)), float(np.max(rel, initial=0.0)), same, tau)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "ranking_identical": self.ranking_identical,
+            "kendall_tau": self.kendall_tau,
+        }
+
+
+BITWISE_SCORES = ScoreDiff(0.0, 0.0, True, 1.0)
+
+
 @dataclass
 class Pair:
-    """Two runs that should agree: same seed, on the same hardware (determinism) or not."""
+    """Two runs that should agree: same seed, in the same environment (determinism) or not."""
 
     a: Run
     b: Run
     verdict: str
     metric_diffs: dict[str, float]  # b - a, per quality metric both have
-    max_score_diff: float | None = None
+    scores: ScoreDiff | None = None  # None: their test images differ
     env_diff: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def max_score_diff(self) -> float | None:
+        return self.scores.max_abs if self.scores else None
 
     @property
     def max_metric_diff(self) -> float:
@@ -44,7 +87,7 @@ class Pair:
     def describe(self) -> str:
         """One line: which runs, the verdict, how far apart, what differs in their environments."""
         return (
-            f"seed {self.a.seed} on {self.a.hardware_id}, repeat {self.a.repeat} vs {self.b.repeat}: {self.verdict}, "
+            f"seed {self.a.seed} in {env_label(self.a)}, repeat {self.a.repeat} vs {self.b.repeat}: {self.verdict}, "
             f"max metric diff {fmt_small(self.max_metric_diff)}, max score diff {fmt_small(self.max_score_diff)} "
             f"({self.a.run_id} vs {self.b.run_id})"
             + (f"; environment differs in {', '.join(self.env_diff)}" if self.env_diff else "")
@@ -53,24 +96,19 @@ class Pair:
     def to_json(self) -> dict[str, Any]:
         return {
             "seed": self.a.seed,
-            "hardware_id": self.a.hardware_id,
+            "environment_a": self.a.environment_id,
+            "environment_b": self.b.environment_id,
             "run_a": self.a.run_id,
             "run_b": self.b.run_id,
             "repeat_a": self.a.repeat,
             "repeat_b": self.b.repeat,
             "verdict": self.verdict,
             "max_score_diff": self.max_score_diff,
+            "scores": self.scores.to_json() if self.scores else None,
             "max_metric_diff": self.max_metric_diff,
             "metric_diffs": self.metric_diffs,
             "env_diff": self.env_diff,
         }
-
-
-def _score_diff(a: Run, b: Run) -> float | None:
-    sa, sb = a.score_array(), b.score_array()
-    if sa is None or sb is None or a.images_id != b.images_id:
-        return None  # different test images: scores do not line up
-    return float(np.max(np.abs(sa - sb), initial=0.0))
 
 
 def compare_runs(a: Run, b: Run, tolerance: float, store: Store, differs: str) -> Pair:
@@ -83,8 +121,8 @@ def compare_runs(a: Run, b: Run, tolerance: float, store: Store, differs: str) -
         verdict = "within_tolerance"
     else:
         verdict = differs
-    score_diff = 0.0 if verdict == "bitwise" else _score_diff(a, b)
-    return Pair(a, b, verdict, diffs, score_diff, store.env_diff(a.env_id, b.env_id))
+    scores = BITWISE_SCORES if verdict == "bitwise" else ScoreDiff.of(a, b)
+    return Pair(a, b, verdict, diffs, scores, store.env_diff(a.env_id, b.env_id))
 
 
 def worst(pairs: Sequence[Pair]) -> str:
@@ -121,15 +159,30 @@ class Determinism:
 
 
 @dataclass
-class CrossHardware:
-    hardware_a: str
-    hardware_b: str
+class CrossEnvironment:
+    """One group's seeds in two execution environments, side by side."""
+
     pairs: list[Pair]  # one per shared seed: the lowest repeat on each side
     seed_std: float | None  # the group's image AUROC std over seeds, to size the deltas against
 
     @property
+    def a(self) -> Run:
+        return self.pairs[0].a
+
+    @property
+    def b(self) -> Run:
+        return self.pairs[0].b
+
+    @property
     def verdict(self) -> str:
         return worst(self.pairs)
+
+    @property
+    def same_machine(self) -> bool | None:
+        """Whether both environments are on one machine (None: a record does not say)."""
+        if self.a.machine_id is None or self.b.machine_id is None:
+            return None
+        return self.a.machine_id == self.b.machine_id
 
     def deltas(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -143,6 +196,18 @@ class CrossHardware:
         abs_deltas = [abs(p.metric_diffs["image_AUROC"]) for p in self.pairs if "image_AUROC" in p.metric_diffs]
         return float(np.mean(abs_deltas)) / self.seed_std if abs_deltas and self.seed_std else None
 
+    def scores(self) -> ScoreDiff | None:
+        """The largest score differences and the worst rank agreement over the seeds."""
+        diffs = [p.scores for p in self.pairs if p.scores is not None]
+        if not diffs:
+            return None
+        return ScoreDiff(
+            max(d.max_abs for d in diffs),
+            max(d.max_rel for d in diffs),
+            all(d.ranking_identical for d in diffs),
+            min(d.kendall_tau for d in diffs),
+        )
+
     def fingerprint_diff(self) -> dict[str, list[Any]]:
         """Every environment field that differs on any seed, with its first seen values."""
         differs: dict[str, list[Any]] = {}
@@ -152,23 +217,28 @@ class CrossHardware:
         return dict(sorted(differs.items()))
 
     def to_json(self) -> dict[str, Any]:
+        scores = self.scores()
         return {
-            "hardware_a": self.hardware_a,
-            "hardware_b": self.hardware_b,
+            "environment_a": self.a.environment_id,
+            "environment_b": self.b.environment_id,
+            "variant_a": self.a.variant,
+            "variant_b": self.b.variant,
+            "same_machine": self.same_machine,
             "seeds": [p.a.seed for p in self.pairs],
             "verdict": self.verdict,
             "deltas": self.deltas(),
             "delta_over_seed_std": self.delta_over_seed_std(),
-            "max_score_diff": max((p.max_score_diff for p in self.pairs if p.max_score_diff is not None), default=None),
+            "max_score_diff": scores.max_abs if scores else None,
+            "scores": scores.to_json() if scores else None,
             "fingerprint_diff": self.fingerprint_diff(),
         }
 
 
 def determinism(ok: list[Run], store: Store, tolerance: float) -> Determinism:
-    """Each seed's repeats on one hardware against its lowest repeat."""
+    """Each seed's repeats in one environment against its lowest repeat."""
     by_key: dict[tuple[int, str], list[Run]] = defaultdict(list)
     for run in ok:
-        by_key[(run.seed, run.hardware_id)].append(run)
+        by_key[(run.seed, run.environment_id)].append(run)
     pairs = []
     for _, runs in sorted(by_key.items()):
         first = min(runs, key=lambda r: (r.repeat, r.run_id))
@@ -176,15 +246,21 @@ def determinism(ok: list[Run], store: Store, tolerance: float) -> Determinism:
     return Determinism(pairs)
 
 
-def cross_hardware(ok: list[Run], seed_std: float | None, store: Store, tolerance: float) -> list[CrossHardware]:
-    """Per pair of hardware ids, the seeds both ran (lowest repeat on each side)."""
+def environment_order(runs: Sequence[Run]) -> list[str]:
+    """Environment ids as the study named them (variant names sorted), unnamed ones after."""
+    seen = {r.environment_id: r.variant for r in runs}
+    return sorted(seen, key=lambda e: (seen[e] is None, seen[e] or "", e))
+
+
+def cross_environment(ok: list[Run], seed_std: float | None, store: Store, tolerance: float) -> list[CrossEnvironment]:
+    """Per pair of environments, the seeds both ran (lowest repeat on each side)."""
     first: dict[str, dict[int, Run]] = defaultdict(dict)
     for run in sorted(ok, key=lambda r: (r.repeat, r.run_id), reverse=True):
-        first[run.hardware_id][run.seed] = run  # the lowest repeat wins
+        first[run.environment_id][run.seed] = run  # the lowest repeat wins
     out = []
-    for ha, hb in combinations(sorted(first), 2):
-        shared = sorted(set(first[ha]) & set(first[hb]))
+    for ea, eb in combinations(environment_order(ok), 2):
+        shared = sorted(set(first[ea]) & set(first[eb]))
         if shared:
-            pairs = [compare_runs(first[ha][s], first[hb][s], tolerance, store, "differs") for s in shared]
-            out.append(CrossHardware(ha, hb, pairs, seed_std))
+            pairs = [compare_runs(first[ea][s], first[eb][s], tolerance, store, "differs") for s in shared]
+            out.append(CrossEnvironment(pairs, seed_std))
     return out

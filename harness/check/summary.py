@@ -3,18 +3,20 @@ the report shares with it."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 from harness.check.groups import CheckReport, Group
+from harness.check.pairs import CrossEnvironment, env_label
 from harness.check.stats import CI
-from harness.formatting import fmt_stat, fmt_value, run_name, stat_cells, text_table
+from harness.formatting import config_label, fmt_small, fmt_stat, fmt_value, run_name, stat_cells, text_table
 
 
 def determinism_cell(group: Group) -> str:
     """``bitwise (3/3 pairs bitwise)``; without repeats, how to test it."""
     d = group.determinism
-    tested = {(r.seed, r.hardware_id) for r in group.ok}
-    lost = sum((r.seed, r.hardware_id) in tested for r in group.failed)
+    tested = {(r.seed, r.environment_id) for r in group.ok}
+    lost = sum((r.seed, r.environment_id) in tested for r in group.failed)
     failed = f"; {lost} repeat{'s' if lost > 1 else ''} failed" if lost else ""
     if d.verdict == "untested":
         return f"untested (no repeats{failed or '; set repeats: 2'})"
@@ -32,11 +34,39 @@ def trial_counts(counts: dict[str, int]) -> str:
     return f"({counts['n_ok']} ok, {counts['n_failed']} failed, {counts['n_stopped_early']} stopped early)"
 
 
+def scores_cell(c: CrossEnvironment) -> str:
+    """``max |Δscore| 3.2e-07 (rel 9.1e-07), ranking identical`` (or its Kendall tau)."""
+    scores = c.scores()
+    if scores is None:
+        return "scores not comparable (other test images)"
+    tau = f"ranking differs (Kendall tau {scores.kendall_tau:.3f})"
+    ranking = "ranking identical" if scores.ranking_identical else tau
+    return f"max |Δscore| {fmt_small(scores.max_abs)} (rel {fmt_small(scores.max_rel)}), {ranking}"
+
+
+def cross_environment_lines(rep: CheckReport) -> list[str]:
+    """Per group and pair of environments: verdict, score and metric differences, and the
+    environment fields that differ."""
+    lines = []
+    for g in rep.groups:
+        for c in g.cross_environment:
+            auroc = c.deltas().get("image_AUROC")
+            delta = f"; Δ image_AUROC {auroc['mean']:+.4f} (max {auroc['max_abs']:.4f})" if auroc else ""
+            ratio = c.delta_over_seed_std()
+            delta += f", {ratio:.2f} x seed std" if ratio is not None else ""
+            differs = ", ".join(c.fingerprint_diff()) or "nothing recorded"
+            lines.append(
+                f"{g.label} {g.category}: {env_label(c.a)} vs {env_label(c.b)}, {len(c.pairs)} seeds: {c.verdict}; "
+                f"{scores_cell(c)}{delta}; environment differs in {differs}"
+            )
+    return lines
+
+
 def to_text(rep: CheckReport) -> str:
     """The compact table ``harness check`` prints."""
     doc = rep.counts()
     lines = [
-        f"checked {rep.store.root}: {doc['files']} records ({doc['ok']} ok, {doc['failed']} failed, "
+        f"checked {rep.store.where}: {doc['files']} records ({doc['ok']} ok, {doc['failed']} failed, "
         f"{doc['trials']} search trials), {doc['malformed']} malformed, {doc['corrupt']} corrupt; "
         f"tolerance {rep.tolerance:g}"
     ]
@@ -55,17 +85,10 @@ def to_text(rep: CheckReport) -> str:
         lines += ["", "failed runs (in no statistic):", *("  " + line for line in failed)]
     differing = [f"  {g.label} {g.category}: {line}" for g in rep.groups if (line := g.determinism.summary())]
     if differing:
-        lines += ["", "same seed, same hardware, different scores (--json lists every pair):", *differing]
-    cross = [(g, c) for g in rep.groups for c in g.cross_hardware]
+        lines += ["", "same seed, same environment, different scores (--json lists every pair):", *differing]
+    cross = cross_environment_lines(rep)
     if cross:
-        lines += ["", "across hardware (same seeds):"]
-        for g, c in cross:
-            auroc = c.deltas().get("image_AUROC")
-            delta = f"; image_AUROC delta {auroc['mean']:+.4f} (max {auroc['max_abs']:.4f})" if auroc else ""
-            lines.append(
-                f"  {g.label} {g.category} {c.hardware_a} vs {c.hardware_b}, {len(c.pairs)} seeds: {c.verdict}"
-                f"{delta}; environment differs in {', '.join(c.fingerprint_diff()) or 'nothing recorded'}"
-            )
+        lines += ["", "across environments (same seeds):", *("  " + line for line in cross)]
     if rep.comparisons:
         lines += ["", f"model comparison, P(A beats B) over seeds [{CI}]:"]
         pairs = [
@@ -73,11 +96,57 @@ def to_text(rep: CheckReport) -> str:
             for c in rep.comparisons
         ]
         lines += ["  " + line for line in text_table(("category", "metric", "A", "B", "P(A>B)", "verdict"), pairs)]
+    held = held_lines(rep)
+    lines += ["", *held] if held else []
     for s in rep.searches:
-        head = f"search {s.sweep}/{s.model} {s.category}: {s.counts['n_trials']} trials {trial_counts(s.counts)}"
+        where = f" in {s.variant}" if s.variant else ""
+        head = f"search {s.sweep}/{s.model} {s.category}{where}: {s.counts['n_trials']} trials {trial_counts(s.counts)}"
         for g in s.best:
             sel = g.selection or {}
             test = fmt_stat(g.stats.get("image_AUROC"))
             head += f"; best {sel.get('metric')} {fmt_value(sel.get('value'))} -> test image_AUROC {test}"
         lines += ["", head]
     return "\n".join(lines) + "\n"
+
+
+Table = tuple[tuple[str, ...], list[tuple[str, ...]]]
+
+
+def held_tables(rep: CheckReport) -> tuple[Table | None, Table | None]:
+    """Whether the conclusions hold in each environment: the comparisons made in two or more
+    of them (P(A>B) and verdict in each; held if the verdicts agree), and the searches made
+    in two or more (the winning configuration in each)."""
+    envs = rep.environments
+    cells: dict[tuple[str, str, str, str], dict[str, str]] = {}
+    verdicts: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
+    for env, comparisons in rep.env_comparisons.items():
+        for c in comparisons:
+            key = (c.category, c.metric, c.a.label, c.b.label)
+            cells.setdefault(key, {})[env] = f"{c.p:.2f} {c.verdict}"
+            verdicts[key].add(c.verdict)
+    rows = [
+        (*key, *(by_env.get(e, "-") for e in envs), "yes" if len(verdicts[key]) == 1 else "NO")
+        for key, by_env in cells.items()
+        if len(by_env) > 1
+    ]
+    header = ("category", "metric", "A", "B", *(env_label(r) for r in envs.values()), "held")
+    winners: list[tuple[str, ...]] = []
+    for (sweep, model, category), searches in rep.search_winners():
+        held = "yes" if rep.same_winner(searches) else "NO"
+        for s in searches:  # each has trials: it is a search made in a known environment
+            winners.append((f"{sweep}/{model}", category, env_label(s.trials[0]), config_label(s.winner or {}), held))
+    winner_header: tuple[str, ...] = ("search", "category", "environment", "winner", "same winner")
+    return ((header, rows) if rows else None), ((winner_header, winners) if winners else None)
+
+
+def held_lines(rep: CheckReport) -> list[str]:
+    """``held_tables`` as text."""
+    comparisons, searches = held_tables(rep)
+    lines: list[str] = []
+    if comparisons:
+        lines += ["model comparison per environment, P(A>B) and verdict:"]
+        lines += ["  " + line for line in text_table(*comparisons)]
+    if searches:
+        lines += [*([""] if lines else []), "search winners per environment:"]
+        lines += ["  " + line for line in text_table(*searches)]
+    return lines

@@ -20,10 +20,11 @@ from harness.report.sections import STABILITY_COLUMNS, StabilityReport
 __all__ = ["MVTEC_TEST_IMAGES", "STABILITY_COLUMNS", "StabilityReport", "default_out", "report_command", "write_report"]
 
 
-def report_command(results: Path, sweep: str = "*", out: Path | None = None) -> str:
+def report_command(results: Path | list[Path], sweep: str = "*", out: Path | None = None) -> str:
     """The ``harness report`` line that rebuilds a report: printed in its header."""
     only = f" --sweep {sweep}" if sweep != "*" else ""
-    return f"harness report {results}{only}" + (f" --out {out}" if out else "")
+    where = " ".join(map(str, results if isinstance(results, list) else [results]))
+    return f"harness report {where}{only}" + (f" --out {out}" if out else "")
 
 
 def default_out(check: CheckReport) -> Path:

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.check import CheckReport, Group, Run, Search, Stat
+from harness.check.pairs import env_label
 from harness.check.stats import CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
-from harness.check.summary import determinism_cell, failed_lines, trial_counts
-from harness.formatting import GIB, fmt_ints, fmt_value, md_table, stat_cells
+from harness.check.summary import determinism_cell, failed_lines, held_tables, scores_cell, trial_counts
+from harness.formatting import GIB, flatten, fmt_ints, fmt_value, md_table, stat_cells
 from harness.report.plots import PLOTTED, search_plot, seed_plot
 from harness.report.references import MVTEC_TEST_IMAGES, REFERENCES, Reference
 from harness.report.reproduce import reproduce_commands
@@ -93,30 +94,40 @@ class StabilityReport:
             )
         header = ("sweep", "models", "categories", "seeds", "repeats", "runs ok / failed", "search trials")
         lines += md_table((*header, "first start", "last finish"), rows)
-        lines += ["", "Hardware (each `hardware_id` hashes device, GPU model, CPU model and threads):", ""]
-        lines += md_table(
-            ("hardware_id", "device", "GPU", "CPU", "threads", "torch", "CUDA", "anomalib", "hosts", "runs"),
-            self._hardware_rows(),
-        )
+        lines += ["", *self.environments()]
         lines += ["", "To reproduce the test runs (one shell loop per sweep, model and configuration):", ""]
         lines += ["```bash", *reproduce_commands(st), "```"]
         return lines
 
-    def _hardware_rows(self) -> list[Sequence[str]]:
+    def environments(self) -> list[str]:
+        """Where the runs were made: each execution environment, and the machine under it."""
         st = self.check.store
-        runs_by_hw: dict[str, list[Run]] = defaultdict(list)
+        runs_by_env: dict[str, list[Run]] = defaultdict(list)
         for r in st.runs:
-            runs_by_hw[r.hardware_id].append(r)
+            runs_by_env[r.environment_id].append(r)
         rows: list[Sequence[str]] = []
-        for hw, runs in sorted(runs_by_hw.items()):
-            envs = [st.envs[e] for e in sorted({r.env_id for r in runs})]
+        for env, runs in sorted(runs_by_env.items(), key=lambda kv: (kv[1][0].variant or "", kv[0])):
+            envs = [flatten(st.envs[e]) for e in sorted({r.env_id for r in runs})]
 
             def vals(key: str, envs: list[dict[str, Any]] = envs) -> str:
                 return ", ".join(sorted({"-" if e.get(key) is None else str(e.get(key)) for e in envs}))
 
-            keys = ("device", "gpu_name", "cpu_model", "threads", "torch", "cuda", "anomalib", "host")
-            rows.append((f"`{hw}`", *map(vals, keys), str(len(runs))))
-        return rows
+            cpuid = ("cpu.family", "cpu.model_number", "cpu.stepping")
+            cpu = f"{vals('cpu_model')} ({'/'.join(map(vals, cpuid))})"
+            isa = f"{vals('torch_build.cpu_capability')} / {vals('torch_build.onednn_isa')}"
+            keys = ("execution.threads", "execution.matmul_precision", "execution.autocast", "execution.deterministic")
+            settings = " ".join(f"{k.split('.')[1]}={vals(k)}" for k in keys)
+            software = (vals("torch"), vals("cuda"), vals("gpu_name"), vals("host"), str(len(runs)))
+            rows.append(
+                (f"`{env}`", vals("variant"), f"`{vals('machine_id')}`", vals("device"), cpu, isa, settings, *software)
+            )
+        header = ("environment_id", "variant", "machine_id", "device", "CPU", "ISA torch / oneDNN", "settings")
+        return [
+            "Made in these environments (CPU: model (family/model/stepping); the machine_id hashes the CPU's "
+            "identity and flags, the kernel and the GPU; the environment_id adds software, dispatch and settings):",
+            "",
+            *md_table((*header, "torch", "CUDA", "GPU", "hosts", "runs"), rows),
+        ]
 
     def stability_rows(self) -> list[tuple[bool, tuple[str, ...]]]:
         """The stability table's rows (``STABILITY_COLUMNS``), each flagged if it is a mean row."""
@@ -203,19 +214,19 @@ class StabilityReport:
         pairs = [(g, p) for g in self.check.groups for p in g.determinism.pairs]
         lines = ["## Determinism", ""]
         if not pairs:
-            return [*lines, "No seed was repeated on the same hardware: determinism is untested (set `repeats: 2`)."]
+            return [*lines, "No seed was repeated in the same environment: determinism is untested (set `repeats: 2`)."]
         bitwise = sum(p.verdict == "bitwise" for _, p in pairs)
         lines.append(
-            f"{len(pairs)} pairs of same-seed repeats on the same hardware: {bitwise} bitwise identical "
+            f"{len(pairs)} pairs of same-seed repeats in the same environment: {bitwise} bitwise identical "
             f"(scores and maps); tolerance {self.check.tolerance:g} on each metric."
         )
         differing = [f"- {g.label} {g.category}: {ln}" for g in self.check.groups if (ln := g.determinism.summary())]
         return lines + (["", *differing] if differing else [])
 
-    def cross_hardware(self) -> list[str]:
+    def cross_environment(self) -> list[str]:
         rows = []
         for g in self.check.groups:
-            for c in g.cross_hardware:
+            for c in g.cross_environment:
                 deltas = c.deltas()
 
                 def delta(m: str, deltas: dict[str, Any] = deltas) -> str:
@@ -228,25 +239,35 @@ class StabilityReport:
                     (
                         g.label,
                         g.category,
-                        f"`{c.hardware_a}` → `{c.hardware_b}`",
+                        f"{env_label(c.a)} → {env_label(c.b)}",
                         str(len(c.pairs)),
+                        c.verdict,
+                        scores_cell(c),
                         delta("image_AUROC"),
                         delta("pixel_AUROC"),
                         "-" if ratio is None else f"{ratio:.2f}",
-                        c.verdict,
                         differs or "-",
                     )
                 )
         if not rows:
             return []
-        header = ("model", "category", "hardware", "seeds", "Δ image AUROC", "Δ pixel AUROC", "|Δ| / seed std")
-        return [
-            "## Across hardware",
+        header = ("model", "category", "environments", "seeds", "verdict", "scores", "Δ image AUROC", "Δ pixel AUROC")
+        lines = [
+            "## Across environments",
             "",
-            "Same configuration and seed on different hardware (lowest repeat on each side); Δ = second - first.",
+            "Same configuration and seed in different execution environments (lowest repeat on each side); "
+            "Δ = second - first; |Δ| / seed std sizes the image AUROC change against the spread over seeds.",
             "",
-            *md_table((*header, "verdict", "what differs"), rows),
+            *md_table((*header, "|Δ| / seed std", "what differs"), rows),
         ]
+        comparisons, searches = held_tables(self.check)
+        if comparisons:
+            lines += ["", "Do the model comparisons hold in each environment (P(A>B) and verdict in each)?", ""]
+            lines += md_table(*comparisons)
+        if searches:
+            lines += ["", "Does each search pick the same configuration in each environment?", ""]
+            lines += md_table(*searches)
+        return lines
 
     def comparisons(self) -> list[str]:
         if not self.check.comparisons:
@@ -302,7 +323,7 @@ class StabilityReport:
 
     def render(self, plots: Sequence[str]) -> str:
         lines = self.header()
-        sections = (self.stability, self.references, self.determinism, self.cross_hardware, self.comparisons)
+        sections = (self.stability, self.references, self.determinism, self.cross_environment, self.comparisons)
         for section in (*sections, self.searches):
             part = section()
             if part:

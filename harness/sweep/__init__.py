@@ -17,9 +17,9 @@ from pathlib import Path
 from harness.datasets import check_data
 from harness.errors import HarnessError
 from harness.models import get_model
-from harness.spec import ExperimentSpec, RunSpec, expand, with_config
+from harness.spec import ExperimentSpec, RunSpec, environment_names, expand, with_config
 from harness.store import ResultsStore
-from harness.sweep.cluster import check_resources, cluster, held, ray_defaults, run_device
+from harness.sweep.cluster import check_environments, check_resources, cluster, held, ray_defaults, run_device
 from harness.sweep.progress import Progress, SweepResult
 from harness.sweep.search import search, searcher
 from harness.sweep.tasks import run_grid
@@ -60,6 +60,7 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
     try:
         with cluster(address):
             check_resources(spec)
+            check_environments(spec)
             if spec.study == "seeds":
                 run(expand(spec, run_device(spec)))
             else:
@@ -75,18 +76,22 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
 def _searches(
     spec: ExperimentSpec, store: ResultsStore, results: Path, tally: SweepResult, run: Callable[[list[RunSpec]], None]
 ) -> None:
-    """Per category: the search, then its best configuration's runs on the test split."""
+    """Per environment and category: the search, then its best configuration's runs on the test
+    split (in that environment: whether the winner holds across environments is a finding)."""
     storage = spec.tune_storage or str(Path(results).resolve() / spec.name / "tune")
-    for category in spec.data.categories:
-        trials = Progress(spec.num_samples)
-        selection = search(spec, category, store, storage, trials)
-        tally.add(trials)
-        if selection is None:
-            tally.failed.append(f"{category}: no trial finished; nothing to select")
-            continue
-        print(
-            f"best {category}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
-            f"its runs on the test split:"
-        )
-        best = with_config(spec, selection["config"])
-        run([r for r in expand(best, run_device(spec), role="best", selection=selection) if r.category == category])
+    for env in environment_names(spec):
+        for category in spec.data.categories:
+            where = f"{category} in {env}" if env else category
+            trials = Progress(spec.num_samples)
+            selection = search(spec, category, store, storage, trials, env)
+            tally.add(trials)
+            if selection is None:
+                tally.failed.append(f"{where}: no trial finished; nothing to select")
+                continue
+            print(
+                f"best {where}: {selection['config']} {spec.metric}={selection['value']:.4f}; "
+                f"its runs on the test split:"
+            )
+            best = with_config(spec, selection["config"])
+            runs = expand(best, run_device(spec), role="best", selection=selection, environments=[env])
+            run([r for r in runs if r.category == category])

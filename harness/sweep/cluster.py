@@ -134,6 +134,36 @@ def task_options(spec: ExperimentSpec) -> dict[str, Any]:
     return {"num_cpus": spec.resources.cpu, "num_gpus": spec.resources.gpu}
 
 
+def runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
+    """Ray options for a task that must start in a worker process with ``env_vars`` (what torch
+    reads when it loads). Ray keeps a pool of workers per runtime environment, on a local
+    cluster, a real one and under ``ray job submit`` alike; the job's own variables stay."""
+    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+
+
+def check_environments(spec: ExperimentSpec) -> None:
+    """Refuse, before any run, a variant that the cluster's workers would not honour.
+
+    Each variant is tried in a worker started as its runs will be: torch loads there and says
+    which ISA it dispatches to (a CPU without the one asked for falls back silently).
+    """
+    if not spec.environments:
+        return
+    import ray
+
+    from harness.sweep.worker import probe_environment
+
+    probe = ray.remote(probe_environment)
+    refs = {
+        name: probe.options(num_cpus=0, **runtime_env(env.env_vars())).remote(env.settings())
+        for name, env in spec.environments.items()
+    }
+    for name, ref in refs.items():
+        why = ray.get(ref)
+        if why is not None:
+            raise HarnessError(f"environments.{name}: {why}")
+
+
 def worker_env() -> dict[str, str]:
     """The driver's settings that workers need (``PASS_ENV``)."""
     return {k: os.environ[k] for k in PASS_ENV if k in os.environ}

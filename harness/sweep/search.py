@@ -16,6 +16,7 @@ from typing import Any
 from msgspec.structs import replace
 
 from harness.errors import HarnessError
+from harness.hashing import stable_hash
 from harness.models import get_model
 from harness.record import RunRecord
 from harness.spec import ExperimentSpec, SearchDim, run_spec, with_config
@@ -90,14 +91,25 @@ def _last_line(path: str | None) -> str:
     return lines[-1] if lines else f"see {path}"
 
 
+def _reverse(text: str) -> tuple[int, ...]:
+    """A key under which ``max`` prefers the text that sorts first."""
+    return tuple(-ord(c) for c in text)
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, float | int) and math.isfinite(value)
 
 
 def search(
-    spec: ExperimentSpec, category: str, store: ResultsStore, storage: str, progress: Progress
+    spec: ExperimentSpec,
+    category: str,
+    store: ResultsStore,
+    storage: str,
+    progress: Progress,
+    environment: str | None = None,
 ) -> dict[str, Any] | None:
-    """One category's search; returns how the best configuration was selected (None if none was)."""
+    """One category's search in one of the spec's environments (None: the one it is in);
+    returns how the best configuration was selected (None if none was)."""
     # Records go to the store; Tune's own loggers and console tables would only repeat them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -107,14 +119,17 @@ def search(
 
     # The scheduler decides where a trial's curve ends: a trial under another is another run.
     scheduler = {"scheduler": spec.scheduler.model_dump(mode="json")}
-    base = run_spec(spec, category, spec.seeds[0], 0, run_device(spec), role="trial", selection=scheduler)
+    base = run_spec(
+        spec, category, spec.seeds[0], 0, run_device(spec), role="trial", selection=scheduler, environment=environment
+    )
     done = {i: r.to_builtins() for i, r in stored_ok(store, spec.name, "trial", progress).items()}
+    where = f"{category} in {environment}" if environment else category
     print(
-        f"search {category}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
+        f"search {where}: {spec.num_samples} trials, {spec.search} search, {spec.scheduler.name} scheduler, "
         f"selected on {spec.metric} ({spec.validation.split} validation split, ratio {spec.validation.ratio:g})"
     )
     print(
-        f"search {category}: Ray Tune is starting its trials (a new worker imports anomalib first); "
+        f"search {where}: Ray Tune is starting its trials (a new worker imports anomalib first); "
         "each trial is listed when it ends",
         flush=True,
     )
@@ -164,7 +179,7 @@ def search(
             reuse_actors=True,  # a new process per trial costs the anomalib import again
         ),
         run_config=tune.RunConfig(
-            name=f"{spec.name}-{category}",
+            name="-".join(filter(None, (spec.name, environment, category))),
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[StoreTrials()],
@@ -178,13 +193,15 @@ def search(
     # fit() returns normally when trials failed: their errors are in the grid (and counted as lost).
     candidates = [r for r in finished.values() if _finite(r.metrics.get(spec.metric))]
     print(
-        f"search {category}: {len(grid)} trials, {len(finished)} trained to their last epoch, "
+        f"search {where}: {len(grid)} trials, {len(finished)} trained to their last epoch, "
         f"{len(progress.failed)} failed, {len(grid.errors)} lost"
     )
     if not candidates:
         return None
     sign = 1 if spec.mode == "max" else -1
-    best = max(candidates, key=lambda r: (sign * (r.metrics[spec.metric] or 0.0), r.run_id))
+    # Ties go to the configuration that sorts first: the same in every environment (a run id
+    # is not), so a winner changes only when the scores do.
+    best = max(candidates, key=lambda r: (sign * (r.metrics[spec.metric] or 0.0), _reverse(stable_hash(r.config))))
     return {
         "metric": spec.metric,
         "mode": spec.mode,
@@ -196,5 +213,6 @@ def search(
         "search": spec.search,
         "scheduler": spec.scheduler.name,
         "validation": spec.validation.model_dump(mode="json"),
-        "rule": f"{spec.mode} of last-epoch {spec.metric} among trials trained to their last epoch",
+        "rule": f"{spec.mode} of last-epoch {spec.metric} among trials trained to their last epoch "
+        "(ties: the configuration whose hash sorts first)",
     }

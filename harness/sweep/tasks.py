@@ -15,7 +15,7 @@ from harness.models import get_model
 from harness.record import Role, RunRecord
 from harness.spec import ExperimentSpec, RunSpec
 from harness.store import ResultsStore
-from harness.sweep.cluster import slots, task_options, worker_env
+from harness.sweep.cluster import runtime_env, slots, task_options, worker_env
 from harness.sweep.progress import Progress
 from harness.sweep.worker import execute
 
@@ -40,14 +40,14 @@ def task_groups(runs: list[RunSpec], spec: ExperimentSpec, n_slots: int) -> list
 
     Shared groups are split into chunks while there are fewer of them than ``n_slots`` (runs
     the cluster can hold at once), so a one-category study still fills the cluster; each chunk
-    extracts the features once.
+    extracts the features once. Runs of different environments never share a task.
     """
     adapter = get_model(spec.model)
     if not runs or not adapter.shares_features(adapter.Args.model_validate(runs[0].model_args)):
         return [[r] for r in runs]
-    by_key: dict[tuple[str, int], list[RunSpec]] = {}
+    by_key: dict[tuple[str | None, str, int], list[RunSpec]] = {}
     for r in runs:
-        by_key.setdefault((r.category, r.repeat), []).append(r)
+        by_key.setdefault((r.environment_name, r.category, r.repeat), []).append(r)
     groups = list(by_key.values())
     chunks = max(1, -(-n_slots // len(groups)))  # per group, to reach `n_slots` tasks
     out: list[list[RunSpec]] = []
@@ -70,9 +70,8 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
     if not runs:
         return
     done = ray.put(frozenset(stored_ok(store, spec.name, runs[0].role, progress)))
-    task = ray.remote(execute).options(
-        num_returns="streaming", max_retries=0, scheduling_strategy="SPREAD", **task_options(spec)
-    )
+    remote = ray.remote(execute)
+    options = {"num_returns": "streaming", "max_retries": 0, "scheduling_strategy": "SPREAD", **task_options(spec)}
     env = worker_env()
     pending = [(group, 0) for group in reversed(task_groups(runs, spec, slots(spec)))]
     in_flight: dict[Any, tuple[list[RunSpec], set[int], int]] = {}  # task -> runs, returned, attempt
@@ -81,6 +80,7 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             group, attempt = pending.pop()
+            task = remote.options(**options, **runtime_env(group[0].env_vars()))
             in_flight[task.remote([r.model_dump_json() for r in group], done, env)] = (group, set(), attempt)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for gen in ready:

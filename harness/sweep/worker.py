@@ -8,8 +8,10 @@ takes seconds with nothing to show (importing anomalib, extracting shared featur
 from __future__ import annotations
 
 import os
+import queue
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from msgspec.structs import replace
@@ -30,6 +32,17 @@ def worker_setup(env: dict[str, str]) -> None:
     os.environ.pop("WANDB_API_KEY", None)
     os.environ.setdefault("TQDM_DISABLE", "1")
     set_mmap_threshold()
+
+
+def probe_environment(requested: dict[str, Any]) -> str | None:
+    """Why this worker cannot run a variant that asks for ``requested`` (None: it can)."""
+    from harness.fingerprint import check_requested
+
+    try:
+        check_requested(requested)
+    except HarnessError as exc:
+        return str(exc)
+    return None
 
 
 def node_id() -> str:
@@ -95,6 +108,7 @@ def trial(
     worker_setup(env)
     # Tune runs a trial inside its log folder; relative data paths mean the worker's own folder.
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
+    import ray
     from ray import tune
 
     from harness.run import planned_run_id, run_one, unstarted_record
@@ -110,8 +124,13 @@ def trial(
         # Tune wants the metric in every result: a failed or unscored trial ranks last.
         tune.report({metric: worst, **metrics, "record": rec.to_builtins(), "final": final, "replayed": replayed})
 
+    # A variant that torch must see when it loads runs in a task started with it (see
+    # ``_in_environment``), which also works out the run id there: it depends on the variant.
+    stream = _in_environment(spec, env, frozenset(done)) if spec.env_vars() else None
+    run_id = ray.get(next(stream))["run_id"] if stream is not None else planned_run_id(spec)
+
     # A stored trial, stopped early or not, is finished: the scheduler sees its curve again.
-    stored = done.get(planned_run_id(spec))
+    stored = done.get(run_id)
     if stored is not None:
         record = RunRecord.from_builtins(stored)
         info = record.validation
@@ -125,8 +144,80 @@ def trial(
         if n < epochs:  # the last epoch is reported below, with the finished record
             report(record, n, final=False)
 
-    try:
-        record = run_one(spec, on_epoch=on_epoch)
-    except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
-        record = unstarted_record(spec, error_text(exc))
+    if stream is not None:
+        record = _follow(stream, on_epoch)
+    else:
+        try:
+            record = run_one(spec, on_epoch=on_epoch)
+        except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
+            record = unstarted_record(spec, error_text(exc))
     report(record, len(record.validation.curve) if record.validation else 0, final=True)
+
+
+def streamed_run(spec_json: str, env: dict[str, str], done: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """A Ray task (a streaming generator): one trial's run id (``{"run_id"}``), then, unless
+    that is in ``done``, each epoch's record as it is scored (``{"epoch": record}``) and the
+    finished one (``{"final": record}``)."""
+    worker_setup(env)
+    from harness.run import planned_run_id, run_one, unstarted_record
+
+    spec = RunSpec.model_validate_json(spec_json)
+    run_id = planned_run_id(spec)
+    yield {"run_id": run_id}
+    if run_id in done:
+        return
+    out: queue.Queue[tuple[str, RunRecord]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            out.put(("final", run_one(spec, on_epoch=lambda r: out.put(("epoch", r)))))
+        except Exception as exc:
+            out.put(("final", unstarted_record(spec, error_text(exc))))
+
+    threading.Thread(target=work, daemon=True).start()  # as Tune runs a trial: off the main thread
+    while True:
+        kind, record = out.get()
+        yield {kind: record.to_builtins()}
+        if kind == "final":
+            return
+
+
+def _in_environment(spec: RunSpec, env: dict[str, str], done: frozenset[str]) -> Any:
+    """Start a trial's run in a worker started with its environment's variables, on this node;
+    returns the stream of ``streamed_run``.
+
+    Tune starts its trial actors with a runtime environment of its own, so a variant that
+    torch must see when it loads runs in a task beside the actor, on the CPUs (and GPUs) the
+    actor holds.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from harness.sweep.cluster import runtime_env
+
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    env_vars = spec.env_vars() | ({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})
+    task = ray.remote(streamed_run).options(
+        num_cpus=0,
+        num_returns="streaming",
+        max_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id(), soft=False),
+        **runtime_env(env_vars),
+    )
+    return task.remote(spec.model_dump_json(), env, done)
+
+
+def _follow(stream: Any, on_epoch: Callable[[RunRecord], None]) -> RunRecord:
+    """The finished record from a ``streamed_run``, each epoch's handed to ``on_epoch`` on the
+    way; a trial the scheduler stops takes the task with it."""
+    import ray
+
+    try:
+        for ref in stream:
+            out = ray.get(ref)
+            if "final" in out:
+                return RunRecord.from_builtins(out["final"])
+            on_epoch(RunRecord.from_builtins(out["epoch"]))
+    finally:
+        ray.cancel(stream, force=True)
+    raise HarnessError("the trial's run ended without a record")
