@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A small PatchCore seed study on CUDA and the same on the CPU, then the check and the report:
-# is the GPU deterministic (same seed, same GPU: bitwise?), and how far do GPU and CPU agree?
-# It also checks the harness's coreset sampler against anomalib's on CUDA. About 6 minutes
-# on one GPU plus 2 CPU cores. Needs the harness installed (this repository's
+# A small PatchCore seed study in five execution environments (the CPU; CUDA deterministic;
+# CUDA with deterministic algorithms off; CUDA with TF32 matmuls; CUDA under bf16 autocast),
+# then the check and the report: is each deterministic (same seed, same environment: bitwise?),
+# and how far do the others move the scores, the ranking of images and the metrics? It also
+# checks the harness's coreset sampler against anomalib's on CUDA. About 12 minutes on one
+# GPU plus 2 CPU cores. Needs the harness installed (this repository's
 # environment, or the infra/ image) and a visible CUDA device; no network, no Ray.
 #   bash benchmarks/gpu_seed_study.sh [OUT]        # OUT: where data and results go (default gpu-study)
 # It writes reports/gpu-seed-study.md and its plots; commit them with the records' summary.
@@ -20,12 +22,22 @@ torch.save(torchvision.models.resnet18(weights=None).state_dict(), sys.argv[1])
 EOF
 common=(--set data.image_size=128 --set name=gpu-seed-study --set model_args.pre_trained=true
         --set "model_args.weights=$out/resnet18.pth" --set deterministic=true --results "$results")
-for device in cuda cpu; do
+# DEVICE NAME SETTINGS: each environment's runs are their own (the run id includes it).
+environments=(
+  "cpu cpu {}"
+  "cuda cuda {}"
+  "cuda cuda-nondeterministic {deterministic: false}"
+  "cuda cuda-tf32 {matmul_precision: high}"
+  "cuda cuda-bf16 {autocast: bf16}"
+)
+for environment in "${environments[@]}"; do
+  read -r device name settings <<<"$environment"
   for category in disc weave; do
     for seed in 0 1 2; do
       for repeat in 0 1; do
         harness run --model patchcore --data-root "$out/data" --category "$category" \
-          --seed "$seed" --repeat "$repeat" --device "$device" "${common[@]}"
+          --seed "$seed" --repeat "$repeat" --device "$device" "${common[@]}" \
+          --set "environments.$name=$settings"
       done
     done
   done

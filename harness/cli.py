@@ -18,7 +18,7 @@ from harness.errors import HarnessError
 if TYPE_CHECKING:
     from harness.check import Store
     from harness.record import RunRecord
-    from harness.spec import Device
+    from harness.spec import Device, ExperimentSpec
 
 EXIT_FAILED_RUN = 1
 EXIT_BAD_INPUT = 2
@@ -301,7 +301,7 @@ def execute_run(
     if tracker is not None:
         tracker.attach(store)
     try:
-        record = run_one(run_spec(spec, category, seed, repeat, device))
+        record = run_one(run_spec(spec, category, seed, repeat, device, environment=_one_environment(spec)))
         path = store.put(record)
         if tracker is not None:
             tracker.finish(store, summary=False)
@@ -309,6 +309,14 @@ def execute_run(
         if tracker is not None:
             tracker.close()
     return record, path
+
+
+def _one_environment(spec: ExperimentSpec) -> str | None:
+    """``harness run`` runs in one environment: the one ``--set environments.NAME...`` names."""
+    names = list(spec.environments or {})
+    if len(names) > 1:
+        raise HarnessError(f"environments: `harness run` makes one run; name one environment, not {len(names)}")
+    return names[0] if names else None
 
 
 def cmd_run(ns: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``harness demo``: the whole pipeline on the embedded default, on any machine.
 
 Synthetic data, a local Ray cluster, a PatchCore seed study, a GANomaly search with its best
-configuration's seed runs, the reproducibility check, the report and W&B offline runs: no data
+configuration's seed runs, a PatchCore study in three execution environments, the
+reproducibility check, the report and W&B offline runs: no data
 set, GPU, account or network needed. It is the newcomer's first command and what CI runs, so
 it goes through the same functions as ``harness data synth``, ``sweep``, ``check`` and
 ``report``, and its two studies are ordinary specs (``harness/demo_specs/``) a user can rerun.
@@ -22,13 +23,13 @@ from harness.sweep import cluster, sweep
 from harness.synth import synth
 from harness.tracking import sweep_wandb_dir, wandb_mode
 
-SPECS = ("patchcore.yaml", "ganomaly.yaml")
+SPECS = ("patchcore.yaml", "ganomaly.yaml", "environments.yaml")
 REPORT = Path("reports/demo.md")  # under the demo's directory, as a checkout keeps its reports
 STAGES = len(SPECS) + 3  # data, the studies, check, report
 
 
 def spec_paths() -> list[Path]:
-    """The demo's two studies, shipped inside the package (the image has no ``experiments/``
+    """The demo's studies, shipped inside the package (the image has no ``experiments/``
     checkout of its own for them)."""
     base = resources.files("harness") / "demo_specs"
     return [Path(str(base / name)) for name in SPECS]
@@ -56,7 +57,7 @@ def demo(out: Path) -> bool:
     data, results, report = out / "data", out / "results", out / REPORT
     paths = spec_paths()
     specs = [load_spec(p, [f"data.root={data}"]) for p in paths]
-    categories = tuple(specs[0].data.categories)  # both studies run on the same data
+    categories = tuple(specs[0].data.categories)  # every study runs on (some of) the same data
     for spec in specs:
         if spec.tracking.wandb is not None:
             wandb_mode(spec.tracking.wandb)  # WANDB_MODE=online without a key fails here
@@ -71,7 +72,7 @@ def demo(out: Path) -> bool:
     print(f"wrote {', '.join(s.categories)} to {data}: {s.n_train} train and {n_test} test images each, {s.size} px")
     clean = True
     print()
-    with cluster(None):  # one for both studies
+    with cluster(None):  # one for every study
         for n, (path, spec) in enumerate(zip(paths, specs, strict=True), start=2):
             stage(n, _what(spec), f"harness sweep {_shown(path)} --set data.root={data} --results {results}")
             tally = sweep(spec, results)
@@ -97,6 +98,9 @@ def demo(out: Path) -> bool:
 
 def _what(spec: ExperimentSpec) -> str:
     cats, seeds = len(spec.data.categories), len(spec.seeds)
+    if spec.environments:
+        envs = ", ".join(spec.environments)
+        return f"{spec.model} seed study in {len(spec.environments)} environments ({envs}): {seeds} seeds each"
     if spec.study == "seeds":
         return f"{spec.model} seed study: {cats} categories x {seeds} seeds x {spec.repeats} repeats"
     return (

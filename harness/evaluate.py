@@ -58,7 +58,9 @@ def collect(batches: list[Any], base: Path) -> Predicted:
         parts = [getattr(b, name) for b in batches]
         if any(p is None for p in parts):
             return None
-        arr = torch.cat([p.detach().cpu() for p in parts]).numpy()
+        joined = torch.cat([p.detach().cpu() for p in parts])
+        # Under bf16 autocast outputs may come as bfloat16, which numpy lacks: exact in float32.
+        arr = (joined.float() if joined.dtype == torch.bfloat16 else joined).numpy()
         return arr[order]
 
     scores = cat("pred_score")

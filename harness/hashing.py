@@ -34,8 +34,12 @@ def sha256_file(path: str) -> str:
 
 def state_sha256(module: nn.Module) -> str:
     """SHA-256 over a module's parameters and buffers (PatchCore's memory bank included)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode() + b"\0")
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        t = tensor.detach().cpu().contiguous()
+        # numpy has no bfloat16 (a bf16 autocast run may keep some): its bits, as int16.
+        digest.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
     return digest.hexdigest()

@@ -22,6 +22,14 @@ import msgspec
 RECORD_SCHEMA = "harness.run/1"
 Role = Literal["run", "trial", "best"]  # a study's run, an HPO trial, a best-config run
 Status = Literal["ok", "failed"]
+# Environment settings torch reads when it loads, by the variable a worker is started with
+# (an environment's ``requested`` settings name them by the key on the left).
+LOAD_TIME_SETTINGS = {"aten_cpu_capability": "ATEN_CPU_CAPABILITY", "onednn_max_isa": "DNNL_MAX_CPU_ISA"}
+
+
+def load_time_env(requested: dict[str, Any]) -> dict[str, str]:
+    """The variables a process must start with to honour ``requested``."""
+    return {var: str(requested[key]) for key, var in LOAD_TIME_SETTINGS.items() if requested.get(key) is not None}
 
 
 class _Part(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -16,26 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
+from harness.fingerprint import ONEDNN_NEEDS
 from harness.hashing import stable_hash
 from harness.models import get_model
-from harness.record import Role
+from harness.record import Role, load_time_env
 
 Device = Literal["auto", "cpu", "cuda"]
 # oneDNN's ISA caps (its DNNL_MAX_CPU_ISA values), lower to higher.
-ONEDNN_ISAS = (
-    "SSE41",
-    "AVX",
-    "AVX2",
-    "AVX2_VNNI",
-    "AVX2_VNNI_2",
-    "AVX512_CORE",
-    "AVX512_CORE_VNNI",
-    "AVX512_CORE_BF16",
-    "AVX10_1_512",
-    "AVX10_1_512_AMX",
-    "AVX10_1_512_AMX_FP16",
-    "ALL",
-)
+ONEDNN_ISAS = (*ONEDNN_NEEDS, "ALL")
 
 
 class StrictModel(BaseModel):
@@ -90,12 +78,7 @@ class EnvVariant(StrictModel):
 
     def env_vars(self) -> dict[str, str]:
         """What the worker process must be started with (torch reads these when it loads)."""
-        out: dict[str, str] = {}
-        if self.aten_cpu_capability is not None:
-            out["ATEN_CPU_CAPABILITY"] = self.aten_cpu_capability
-        if self.onednn_max_isa is not None:
-            out["DNNL_MAX_CPU_ISA"] = self.onednn_max_isa
-        return out
+        return load_time_env(self.settings())
 
     def settings(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

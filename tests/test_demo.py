@@ -60,6 +60,7 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n for n in names if n.startswith("harness/demo_specs/")) == [
+        "harness/demo_specs/environments.yaml",
         "harness/demo_specs/ganomaly.yaml",
         "harness/demo_specs/patchcore.yaml",
     ]
@@ -67,7 +68,7 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) -> None:
-    """From an empty directory, as a newcomer: data, both studies on Ray, check, report, W&B."""
+    """From an empty directory, as a newcomer: data, the studies on Ray, check, report, W&B."""
     args = demo_args()
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the specs' own mode, as on a fresh machine
     harness_bin = Path(sys.executable).with_name("harness")
@@ -90,7 +91,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
         assert kinds[("demo-patchcore", "run", category)] == 6
         assert kinds[("demo-ganomaly", "trial", category)] == 4
         assert kinds[("demo-ganomaly", "best", category)] == 6
-    assert len(records) == 48
+    envs = Counter(r["environment"]["variant"] for r in records.values() if r["sweep"] == "demo-environments")
+    assert envs == {"native": 3, "aten-default": 3, "bf16": 3}  # grid, 3 seeds, in each
+    assert len(records) == 57
     trials = {i for i, r in records.items() if r["role"] == "trial"}
     for r in records.values():
         if r["role"] == "trial":  # scored on the validation split only
@@ -110,9 +113,15 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     )
     assert check_json == by_hand.stdout
     doc = json.loads(check_json)
-    assert doc["records"] == {"files": 48, "ok": 36, "failed": 0, "trials": 12, "malformed": 0, "corrupt": 0}
+    assert doc["records"] == {"files": 57, "ok": 45, "failed": 0, "trials": 12, "malformed": 0, "corrupt": 0}
     groups = {(g["sweep"], g["category"]): g for g in doc["groups"]}
+    envs_group = groups.pop(("demo-environments", "grid"))
     assert set(groups) == {(s, c) for s in ("demo-patchcore", "demo-ganomaly") for c in CATEGORIES}
+    # Three environments, three pairs; the ISA and bf16 each move the scores (measured here)
+    cross = {(c["variant_a"], c["variant_b"]): c for c in envs_group["cross_environment"]}
+    assert set(cross) == {("aten-default", "bf16"), ("aten-default", "native"), ("bf16", "native")}
+    assert all(c["scores"]["max_abs"] > 0 for c in cross.values())
+    assert cross[("bf16", "native")]["scores"]["max_abs"] > cross[("aten-default", "native")]["scores"]["max_abs"]
     for g in groups.values():
         assert (g["n_runs"], g["seeds"], g["repeats"]) == (6, [0, 1, 2], 2)
         assert g["determinism"]["verdict"] == "bitwise"  # same seed, same machine
@@ -124,7 +133,8 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], "the demo wrote outside --out"
     reports = out / "reports"
     report = (reports / "demo.md").read_text()
-    assert "from 48 records" in report
+    assert "from 57 records" in report
+    assert "## Across environments" in report
     plots = re.findall(r"!\[[^]]*\]\((demo/[^)]+\.png)\)", report)
     assert plots
     assert all((reports / p).stat().st_size > 1000 for p in plots)
@@ -150,9 +160,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
 
     # what it says along the way and at the end
     stdout = proc.stdout
-    stages = [int(n) for n in re.findall(r"^== (\d)/5 ", stdout, re.M)]
-    assert stages == [1, 2, 3, 4, 5]
-    assert stdout.count("by hand: harness ") == 5
+    stages = [int(n) for n in re.findall(r"^== (\d)/6 ", stdout, re.M)]
+    assert stages == [1, 2, 3, 4, 5, 6]
+    assert stdout.count("by hand: harness ") == 6
     assert re.search(r"^\[18/18 done, 0 failed", stdout, re.M)  # live progress, run by run
     first = re.search(r"^\[1/18 done[^]]*\]", stdout, re.M)
     assert first
@@ -173,6 +183,7 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     again = run_demo().stdout
     assert "sweep demo-patchcore: 0 ok, 0 failed, 0 lost, 18 already stored" in again
     assert "sweep demo-ganomaly: 0 ok, 0 failed, 0 lost, " in again
+    assert "sweep demo-environments: 0 ok, 0 failed, 0 lost, 9 already stored" in again
     assert {p: p.stat().st_mtime_ns for p in results.glob("*/runs/*.json")} == files
     assert (out / "check.json").read_text() == check_json
     for sweep in ("demo-patchcore", "demo-ganomaly"):  # no record logged twice; the summary anew

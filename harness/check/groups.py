@@ -114,7 +114,7 @@ class Group:
             "determinism": self.determinism.to_json(),
             "cross_environment": [c.to_json() for c in self.cross_environment],
             "metrics_by_environment": {
-                env: {m: s.to_json() for m, s in stats.items() if m in QUALITY} for env, stats in self.env_stats.items()
+                env: {m: s.to_json() for m, s in stats.items()} for env, stats in self.env_stats.items()
             },
         }
 
@@ -329,13 +329,13 @@ def _groups(store: Store) -> list[Group]:
     return sorted(groups, key=lambda g: (g.category, g.label))
 
 
-def _seed_stats(runs: list[Run]) -> dict[str, Stat]:
+def _seed_stats(runs: list[Run], metrics: tuple[str, ...] = (*QUALITY, *COST)) -> dict[str, Stat]:
     per_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for m, v in run.metrics.items():
             per_seed[m][run.seed].append(v)
     stats = {}
-    for m in (*QUALITY, *COST):
+    for m in metrics:
         if m in per_seed:
             by_seed = sorted(per_seed[m].items())
             stats[m] = Stat(np.array([sum(v) / len(v) for _, v in by_seed]), np.array([s for s, _ in by_seed]))
@@ -382,7 +382,8 @@ def _searches(store: Store, groups: list[Group]) -> list[Search]:
             searched: list[str | None] = [e for e in envs if (g.sweep, g.model, g.category, e) in trials]
             for env in searched or [None]:  # its runs in that environment, and their statistics
                 best[(g.sweep, g.model, g.category, env)].append(g if env is None else g.in_environment(env))
-    keys = sorted(set(trials) | set(best), key=lambda k: (*k[:3], k[3] or ""))
+    order = {env: i for i, env in enumerate(environment_order(store.runs))}  # by the study's names
+    keys = sorted(set(trials) | set(best), key=lambda k: (*k[:3], order.get(k[3] or "", -1)))
     return [Search(*key, trials.get(key, []), best.get(key, [])) for key in keys]
 
 
@@ -414,7 +415,7 @@ def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
         g.stats = _seed_stats(g.ok)
         envs = g.environments
         if len(envs) > 1:
-            g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
+            g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env], QUALITY) for env in envs}
     bootstrap_means(
         s for g in groups for s in (*g.stats.values(), *(v for st in g.env_stats.values() for v in st.values()))
     )

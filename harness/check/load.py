@@ -33,8 +33,9 @@ QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 COST = ("fit_s", "peak_rss_bytes", "peak_gpu_bytes")
 # Content hashes inside params: left out of a configuration's id (see ``settings_id``).
 CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
-# Ids hashed from the other fields: a difference in them says nothing the fields do not.
-IDS = {"hardware_id", "machine_id", "environment_id"}
+# Ids hashed from the other fields, and the study's name for an environment: a difference in
+# them says nothing the fields do not.
+IDS = {"hardware_id", "machine_id", "environment_id", "variant"}
 PARALLEL_MIN_FILES = 2000  # below this, worker start-up costs more than it saves
 _VERIFY_BLOCK = 4096  # records decoded, then verified together, at a time (about 50 MB of them)
 

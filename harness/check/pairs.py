@@ -33,6 +33,14 @@ def env_label(run: Run) -> str:
     return f"{run.variant} ({run.environment_id})" if run.variant else run.environment_id
 
 
+def aligned_scores(a: Run, b: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both runs' per-image scores, when they scored the same test images (None otherwise)."""
+    sa, sb = a.score_array(), b.score_array()
+    if sa is None or sb is None or a.images_id != b.images_id or len(sa) != len(sb):
+        return None
+    return sa, sb
+
+
 @dataclass
 class ScoreDiff:
     """How far two runs' per-image scores are apart (the same test images, in the same order)."""
@@ -44,9 +52,10 @@ class ScoreDiff:
 
     @classmethod
     def of(cls, a: Run, b: Run) -> ScoreDiff | None:
-        sa, sb = a.score_array(), b.score_array()
-        if sa is None or sb is None or a.images_id != b.images_id or len(sa) != len(sb):
-            return None  # different test images: scores do not line up
+        aligned = aligned_scores(a, b)
+        if aligned is None:
+            return None
+        sa, sb = aligned
         diff = np.abs(sa - sb)
         rel = diff / np.maximum(np.abs(sa), np.finfo(np.float64).tiny)
         same = bool(np.array_equal(np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.check import Group, Search
+from harness.check.pairs import CrossEnvironment, aligned_scores
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -128,6 +129,40 @@ def search_plot(searches: list[Search]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
-        ax.set_title(f"{search.category}: {len(search.trials)} trials", fontsize=9)
+        where = f" in {search.variant}" if search.variant else ""
+        ax.set_title(f"{search.category}{where}: {len(search.trials)} trials", fontsize=9)
     fig.suptitle(f"{searches[0].sweep}/{searches[0].model}: trials' validation curves, winner red", fontsize=10)
+    return _png(fig)
+
+
+SCORE_FLOOR = 1e-12  # where a bitwise-equal score (a difference of 0) is drawn on the log axis
+
+
+def _short(c: CrossEnvironment) -> str:
+    a, b = c.a, c.b
+    return f"{a.variant or a.environment_id[:6]}\nvs\n{b.variant or b.environment_id[:6]}"
+
+
+def score_diff_plot(crosses: list[tuple[Group, list[CrossEnvironment]]]) -> bytes:
+    """Per group, per pair of environments: every test image's |score difference| over the
+    seeds both ran (log scale; bitwise-equal scores on the floor line)."""
+    fig, axes = _figure(len(crosses), width=max(4.0, 1.3 * max(len(cs) for _, cs in crosses)), sharey=True)
+    for ax, (g, cs) in zip(axes, crosses, strict=True):
+        for i, c in enumerate(cs, start=1):
+            diffs = []
+            for p in c.pairs:
+                aligned = aligned_scores(p.a, p.b)
+                if aligned is not None:
+                    diffs.append(np.abs(aligned[0] - aligned[1]))
+            values = np.maximum(np.concatenate(diffs), SCORE_FLOOR) if diffs else np.zeros(0)
+            jitter = np.linspace(-0.2, 0.2, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(i + jitter, values, s=8, alpha=0.6, color="tab:red" if c.verdict != "bitwise" else "tab:green")
+        ax.axhline(SCORE_FLOOR, color="tab:gray", lw=0.6, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlim(0.4, len(cs) + 0.6)
+        ax.set_xticks(range(1, len(cs) + 1), [_short(c) for c in cs], fontsize=6)
+        ax.set_title(f"{g.label} {g.category}", fontsize=9)
+        ax.set_ylabel("|score difference| per image", fontsize=8)
+        ax.tick_params(labelleft=True)
+    fig.suptitle(f"Same seed, other environment: per-image score differences (0 drawn at {SCORE_FLOOR:g})", fontsize=10)
     return _png(fig)

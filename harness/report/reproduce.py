@@ -13,6 +13,12 @@ from typing import Any
 from harness.check import Run, Store
 from harness.check.load import CONTENT_HASHES
 from harness.formatting import flatten
+from harness.record import load_time_env
+
+
+def _value(v: Any) -> str:
+    """A ``--set`` value as YAML reads it back: strings bare, the rest as JSON."""
+    return v if isinstance(v, str) else json.dumps(v)
 
 
 def run_command(run: Run, params: dict[str, Any], env: dict[str, Any]) -> str:
@@ -24,8 +30,13 @@ def run_command(run: Run, params: dict[str, Any], env: dict[str, Any]) -> str:
         if k not in {f"{group}.{key}" for group, key in CONTENT_HASHES.items()}  # hashes, not settings
     }
     sets = [f"name={run.sweep}", f"resources.cpu={env.get('threads')}"]
-    sets += [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(settings.items())]
-    head = f"harness run --model {run.model} --data-root {shlex.quote(run.data_root)}"
+    sets += [f"{k}={_value(v)}" for k, v in sorted(settings.items())]
+    requested = env.get("requested") or {}
+    if run.variant:  # the study's environment, as asked for (torch checks it is what it gets)
+        variant = {f"environments.{run.variant}.{k}": v for k, v in sorted(requested.items())}
+        sets += [f"{k}={_value(v)}" for k, v in variant.items()] or [f"environments.{run.variant}={{}}"]
+    load_time = "".join(f"{k}={shlex.quote(v)} " for k, v in load_time_env(requested).items())
+    head = f"{load_time}harness run --model {run.model} --data-root {shlex.quote(run.data_root)}"
     head += f" --category $c --seed $s --repeat $r --device {device}"
     note = ""
     if run.role == "best":

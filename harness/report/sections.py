@@ -13,7 +13,7 @@ from harness.check.pairs import env_label
 from harness.check.stats import CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
 from harness.check.summary import determinism_cell, failed_lines, held_tables, scores_cell, trial_counts
 from harness.formatting import GIB, flatten, fmt_ints, fmt_value, md_table, stat_cells
-from harness.report.plots import PLOTTED, search_plot, seed_plot
+from harness.report.plots import PLOTTED, score_diff_plot, search_plot, seed_plot
 from harness.report.references import MVTEC_TEST_IMAGES, REFERENCES, Reference
 from harness.report.reproduce import reproduce_commands
 
@@ -115,8 +115,8 @@ class StabilityReport:
             cpuid = ("cpu.family", "cpu.model_number", "cpu.stepping")
             cpu = f"{vals('cpu_model')} ({'/'.join(map(vals, cpuid))})"
             isa = f"{vals('torch_build.cpu_capability')} / {vals('torch_build.onednn_isa')}"
-            keys = ("execution.threads", "execution.matmul_precision", "execution.autocast", "execution.deterministic")
-            settings = " ".join(f"{k.split('.')[1]}={vals(k)}" for k in keys)
+            shown = ("threads", "onednn", "matmul_precision", "autocast", "deterministic")
+            settings = " ".join(f"{k}={vals(f'execution.{k}')}" for k in shown)
             software = (vals("torch"), vals("cuda"), vals("gpu_name"), vals("host"), str(len(runs)))
             rows.append(
                 (f"`{env}`", vals("variant"), f"`{vals('machine_id')}`", vals("device"), cpu, isa, settings, *software)
@@ -302,16 +302,15 @@ class StabilityReport:
         rows = []
         for s in self.check.searches:
             trials = f"{s.counts['n_trials']} {trial_counts(s.counts)}"
+            category = f"{s.category} in {s.variant}" if s.variant else s.category
             for g in s.best:
                 sel = g.selection or {}
                 im = g.stats.get("image_AUROC")
                 config = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted((sel.get("config") or {}).items()))
                 validation = f"{sel.get('metric', '-')} {fmt_value(sel.get('value'))}"
-                rows.append(
-                    (f"{s.sweep}/{s.model}", s.category, trials, f"`{config}`", validation, *stat_cells(im)[:3])
-                )
+                rows.append((f"{s.sweep}/{s.model}", category, trials, f"`{config}`", validation, *stat_cells(im)[:3]))
             if not s.best:
-                rows.append((f"{s.sweep}/{s.model}", s.category, trials, "-", "-", "-", "-", "-"))
+                rows.append((f"{s.sweep}/{s.model}", category, trials, "-", "-", "-", "-", "-"))
         header = ("search", "category", "trials", "best config", "validation", "test image AUROC", CI, "min-max")
         return [
             "## Hyperparameter searches",
@@ -351,6 +350,9 @@ class StabilityReport:
                 by_sweep[(s.sweep, s.model)].append(s)
         for (sweep, model), searches in sorted(by_sweep.items()):
             out[f"search-{sweep}-{model}"] = search_plot(searches)
+        crosses = [(g, g.cross_environment) for g in self.check.groups if g.cross_environment]
+        if crosses:
+            out["environments-score-diff"] = score_diff_plot(crosses)
         return out
 
 
