@@ -54,7 +54,7 @@ class EnvVariant(StrictModel):
 
     ``aten_cpu_capability`` and ``onednn_max_isa`` are read by torch once, when it loads: a
     variant that sets them runs in worker processes started with them (``env_vars``). The
-    rest are set by the run itself. Unset fields stay as the worker has them.
+    rest are set by the run itself; unset ones take their defaults (``execution_settings``).
     """
 
     threads: int | None = Field(default=None, ge=1, le=256)

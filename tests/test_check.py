@@ -17,6 +17,7 @@ from scipy.stats import bootstrap
 from harness.check import check
 from harness.check.stats import BOOTSTRAP_SEED, N_RESAMPLES
 from harness.cli import main
+from tests import recordkit as rk
 from tests.recordkit import GPU_ENV, VALIDATION, make_record, scores_for, write_records
 
 AUROCS = [0.80, 0.82, 0.84, 0.86, 0.88]
@@ -578,3 +579,71 @@ def test_records_the_harness_writes_verify(tmp_path: Path) -> None:
         _tamper(r, "metric")
     write_records(tmp_path, records)
     assert main(["check", str(tmp_path)]) == 2
+
+
+NATIVE = {**rk.ENV, "variant": "native", "environment_id": "env-native"}
+FAST = {**rk.ENV, "variant": "fast", "environment_id": "env-fast", "requested": {"aten_cpu_capability": "default"}}
+FAST["torch_build"] = {**rk.ENV["torch_build"], "cpu_capability": "default"}
+
+
+def test_conclusions_are_checked_in_each_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PatchCore beats GANomaly in one environment and not in the other: the table says so."""
+    patchcore = [0.90, 0.91, 0.92, 0.93, 0.94]
+    records = seeds_of(patchcore, env=NATIVE) + seeds_of(patchcore, env=FAST)
+    records += seeds_of([0.60, 0.61, 0.62, 0.63, 0.64], env=NATIVE, model="ganomaly", sweep="g")
+    records += seeds_of([0.89, 0.905, 0.92, 0.935, 0.95], env=FAST, model="ganomaly", sweep="g")
+    write_records(tmp_path, records)
+    _, doc = check_json(tmp_path, capsys=capsys)
+    across = doc["across_environments"]
+    assert [e["variant"] for e in across["environments"]] == ["fast", "native"]
+    verdicts = {c["environment"]: c["verdict"] for c in doc["comparisons"]}
+    assert verdicts == {"env-native": "B better", "env-fast": "within noise"}  # A: g/ganomaly, B: s1/patchcore
+    pc = only_group(doc, model="patchcore")
+    assert set(pc["metrics_by_environment"]) == {"env-native", "env-fast"}
+    (cross,) = pc["cross_environment"]
+    assert cross["verdict"] == "bitwise"
+    assert cross["fingerprint_diff"] == {
+        "requested.aten_cpu_capability": ["default", None],
+        "torch_build.cpu_capability": ["default", "avx2"],
+    }
+    gan = only_group(doc, model="ganomaly")
+    (moved,) = gan["cross_environment"]
+    assert moved["verdict"] == "differs"
+    assert moved["scores"]["ranking_identical"] is False
+    assert 0 < moved["scores"]["kendall_tau"] < 1
+    main(["check", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "model comparison per environment, P(A>B) and verdict:" in text
+    (row,) = [ln for ln in text.splitlines() if "B better" in ln and "within noise" in ln]
+    assert row.rstrip().endswith("NO")
+
+
+def test_scores_that_keep_their_order_rank_identically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scores = scores_for(0.9)
+    shifted = [s * (1 + 1e-6) for s in scores]  # every score moves, no image changes place
+    write_records(tmp_path, [make_record(scores=scores, env=NATIVE), make_record(scores=shifted, env=FAST)])
+    _, doc = check_json(tmp_path, capsys=capsys)
+    (cross,) = only_group(doc)["cross_environment"]
+    assert cross["verdict"] == "within_tolerance"
+    assert cross["scores"]["ranking_identical"] is True
+    assert cross["scores"]["kendall_tau"] == 1.0
+    assert cross["scores"]["max_rel"] == pytest.approx(1e-6, rel=1e-3)
+    assert cross["scores"]["max_abs"] == pytest.approx(max(scores) * 1e-6, rel=1e-3)
+
+
+def test_records_from_before_environments_are_read_by_their_hardware_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_env = {k: v for k, v in rk.ENV.items() if k not in ("environment_id", "machine_id")} | {"hardware_id": "hw-1"}
+    write_records(
+        tmp_path,
+        [make_record(seed=s, repeat=r, env={**old_env, "environment_id": "x"}) for s in (0, 1) for r in (0, 1)],
+    )
+    for path in tmp_path.glob("*/runs/*.json"):
+        doc = json.loads(path.read_text())
+        del doc["environment"]["environment_id"]
+        path.write_text(json.dumps(doc))
+    _, doc = check_json(tmp_path, capsys=capsys)
+    group = only_group(doc)
+    assert group["environment_ids"] == ["hw-1"]
+    assert group["determinism"]["verdict"] == "bitwise"

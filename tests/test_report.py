@@ -69,7 +69,8 @@ def test_the_report_layout_is_pinned(tmp_path: Path) -> None:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
-    assert [p.name for p in plots] == ["search-hpo-ganomaly.png", "seeds-image_AUROC.png", "seeds-pixel_AUROC.png"]
+    names = ["environments-score-diff.png", "search-hpo-ganomaly.png", "seeds-image_AUROC.png", "seeds-pixel_AUROC.png"]
+    assert [p.name for p in plots] == names
 
 
 def test_same_store_same_bytes_and_stale_plots_go(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_report_cli_default_name_and_summary(
     fixed_store(tmp_path / "results")
     monkeypatch.chdir(tmp_path)
     assert main(["report", "results"]) == 0
-    assert capsys.readouterr().out == "wrote reports/results.md (3 groups, 3 plots in reports/results)\n"
+    assert capsys.readouterr().out == "wrote reports/results.md (3 groups, 4 plots in reports/results)\n"
     assert "Built by `harness report results` from 26 records." in (tmp_path / "reports" / "results.md").read_text()
 
 

@@ -53,17 +53,30 @@ class Group:
     cross_environment: list[CrossEnvironment] = field(default_factory=list)
     # With runs in several environments: each one's seed statistics (environment id -> metric).
     env_stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
+    base_label: str = ""  # a view's group's label (``label`` adds the environment)
+    # Shown per environment: it, or a group of the same label, ran in several.
+    split: bool = False
 
     @property
     def environments(self) -> list[str]:
         return environment_order(self.ok)
 
     def in_environment(self, env: str) -> Group:
-        """The group's runs in one environment, with that environment's statistics."""
+        """The group's runs in one environment, with that environment's statistics and
+        determinism pairs; labelled ``LABEL in NAME`` when the group ran in several."""
+        if not self.split:
+            return self
         ok = [r for r in self.ok if r.environment_id == env]
         failed = [r for r in self.failed if r.environment_id == env]
         key = (self.sweep, self.model, self.category, self.role, self.config_id)
-        return Group(*key, self.label, ok, failed, self.env_stats.get(env, self.stats))
+        label = f"{self.label} in {ok[0].variant or env}" if ok else self.label
+        view = Group(*key, label, ok, failed, self.env_stats.get(env, self.stats), base_label=self.label)
+        view.determinism = Determinism([p for p in self.determinism.pairs if p.a.environment_id == env])
+        return view
+
+    def views(self) -> list[Group]:
+        """What tables show and comparisons compare: one view per environment it ran in."""
+        return [self.in_environment(env) for env in self.environments] if self.split else [self]
 
     @property
     def id(self) -> str:
@@ -114,7 +127,7 @@ class Group:
             "determinism": self.determinism.to_json(),
             "cross_environment": [c.to_json() for c in self.cross_environment],
             "metrics_by_environment": {
-                env: {m: s.to_json() for m, s in stats.items()} for env, stats in self.env_stats.items()
+                env: {m: s.to_json() for m, s in stats.items() if m in QUALITY} for env, stats in self.env_stats.items()
             },
         }
 
@@ -130,6 +143,12 @@ class Comparison:
     ci_high: float
 
     @property
+    def environment(self) -> str | None:
+        """The environment both sides ran in, when each ran in one and the same."""
+        envs = {r.environment_id for r in (*self.a.ok, *self.b.ok)}
+        return envs.pop() if len(envs) == 1 else None
+
+    @property
     def verdict(self) -> str:
         return comparison_verdict(
             self.p, self.ci_low, self.ci_high, self.a.stats[self.metric].n, self.b.stats[self.metric].n
@@ -141,6 +160,7 @@ class Comparison:
             "metric": self.metric,
             "a": self.a.label,
             "b": self.b.label,
+            "environment": self.environment,
             "n_a": self.a.stats[self.metric].n,
             "n_b": self.b.stats[self.metric].n,
             "p_a_better": self.p,
@@ -215,8 +235,11 @@ class CheckReport:
     groups: list[Group]
     comparisons: list[Comparison]
     searches: list[Search]
-    # With several environments: the comparisons made in each, by environment id.
-    env_comparisons: dict[str, list[Comparison]] = field(default_factory=dict)
+
+    @property
+    def views(self) -> list[Group]:
+        """Each group, or each group in each environment it ran in (``Group.views``)."""
+        return [v for g in self.groups for v in g.views()]
 
     @property
     def environments(self) -> dict[str, Run]:
@@ -238,14 +261,12 @@ class CheckReport:
         return len({stable_hash(s.winner) for s in searches}) == 1
 
     def across_environments(self) -> dict[str, Any]:
-        """Whether the conclusions hold in each environment: comparisons and search winners."""
+        """The environments, and whether each search's winner holds in all of them (whether a
+        comparison holds: ``comparisons`` with their ``environment``)."""
         return {
             "environments": [
                 {"environment_id": env, "variant": r.variant, "machine_id": r.machine_id}
                 for env, r in self.environments.items()
-            ],
-            "comparisons": [
-                {"environment": env, **c.to_json()} for env, cs in self.env_comparisons.items() for c in cs
             ],
             "search_winners": [
                 {
@@ -342,14 +363,26 @@ def _seed_stats(runs: list[Run], metrics: tuple[str, ...] = (*QUALITY, *COST)) -
     return stats
 
 
-def _comparisons(groups: list[Group]) -> list[Comparison]:
-    """Pairs of groups of a category that saw the same data, per compared metric.
+def _comparable(a: Group, b: Group) -> bool:
+    """Views of two groups are compared unless one group ran in several environments and the
+    other view is from another one: then each environment's views are compared among
+    themselves, so a model is not credited with what its environment did."""
+    if a.base_label and a.base_label == b.base_label:  # one group in two environments
+        return False
+    if not (a.base_label or b.base_label):  # two groups of one environment each
+        return True
+    return a.environments == b.environments
 
-    Every pair while a category has up to ALL_PAIRS_UP_TO groups; beyond that, each group
-    against the best by mean image AUROC (the question a long list asks: which are tied with it).
+
+def _comparisons(views: list[Group]) -> list[Comparison]:
+    """Pairs of views (groups, or a group in one environment) of a category that saw the same
+    data, per compared metric.
+
+    Every pair while a category has up to ALL_PAIRS_UP_TO views; beyond that, each view against
+    the best by mean image AUROC (the question a long list asks: which are tied with it).
     """
     by_data: dict[tuple[str, str], list[Group]] = defaultdict(list)
-    for g in groups:
+    for g in views:
         if g.ok and len(g.data_sha256) == 1:  # unknown or changed data: nothing to compare with
             by_data[(g.category, g.data_sha256[0])].append(g)
     todo: list[tuple[str, str, Group, Group]] = []
@@ -359,6 +392,7 @@ def _comparisons(groups: list[Group]) -> list[Comparison]:
         else:
             best = max(members, key=lambda g: g.stats["image_AUROC"].mean if "image_AUROC" in g.stats else -math.inf)
             pairs = [(best, g) for g in members if g is not best]
+        pairs = [(a, b) for a, b in pairs if _comparable(a, b)]
         todo += [(category, m, a, b) for a, b in pairs for m in COMPARED if m in a.stats and m in b.stats]
     results = probability_of_improvement([(a.stats[m].values, b.stats[m].values) for _, m, a, b in todo])
     return [Comparison(c, m, a, b, *res) for (c, m, a, b), res in zip(todo, results, strict=True)]
@@ -387,14 +421,6 @@ def _searches(store: Store, groups: list[Group]) -> list[Search]:
     return [Search(*key, trials.get(key, []), best.get(key, [])) for key in keys]
 
 
-def _env_comparisons(groups: list[Group]) -> dict[str, list[Comparison]]:
-    """With groups in more than one environment: the model comparisons made in each alone."""
-    envs = environment_order([r for g in groups for r in g.ok])
-    if len(envs) < 2:
-        return {}
-    return {env: _comparisons([g.in_environment(env) for g in groups if env in g.environments]) for env in envs}
-
-
 def check(root: Path | list[Path], tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
     """Read the store at ``root`` (or several, lined up as one; one sweep of them, or all) and
     compute every verdict."""
@@ -415,14 +441,15 @@ def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
         g.stats = _seed_stats(g.ok)
         envs = g.environments
         if len(envs) > 1:
-            g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env], QUALITY) for env in envs}
+            g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
     bootstrap_means(
         s for g in groups for s in (*g.stats.values(), *(v for st in g.env_stats.values() for v in st.values()))
     )
+    several = {g.label for g in groups if g.env_stats}  # labels shown per environment
     for g in groups:
+        g.split = g.label in several
         g.determinism = determinism(g.ok, store, tolerance)
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
         g.cross_environment = cross_environment(g.ok, std, store, tolerance)
-    return CheckReport(
-        store, tolerance, groups, _comparisons(groups), _searches(store, groups), _env_comparisons(groups)
-    )
+    views = [v for g in groups for v in g.views()]
+    return CheckReport(store, tolerance, groups, _comparisons(views), _searches(store, groups))

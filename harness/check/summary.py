@@ -71,7 +71,7 @@ def to_text(rep: CheckReport) -> str:
         f"tolerance {rep.tolerance:g}"
     ]
     rows: list[tuple[str, ...]] = []
-    for g in rep.groups:
+    for g in rep.views:
         image = g.stats.get("image_AUROC")
         _, _, spread, cv = stat_cells(image)
         cells = (fmt_stat(image), spread, cv, fmt_stat(g.stats.get("pixel_AUROC")))
@@ -119,9 +119,10 @@ def held_tables(rep: CheckReport) -> tuple[Table | None, Table | None]:
     envs = rep.environments
     cells: dict[tuple[str, str, str, str], dict[str, str]] = {}
     verdicts: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
-    for env, comparisons in rep.env_comparisons.items():
-        for c in comparisons:
-            key = (c.category, c.metric, c.a.label, c.b.label)
+    for c in rep.comparisons:
+        env = c.environment
+        if env is not None:
+            key = (c.category, c.metric, c.a.base_label or c.a.label, c.b.base_label or c.b.label)
             cells.setdefault(key, {})[env] = f"{c.p:.2f} {c.verdict}"
             verdicts[key].add(c.verdict)
     rows = [

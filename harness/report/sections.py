@@ -55,7 +55,7 @@ class StabilityReport:
 
     def by_label(self) -> dict[str, list[Group]]:
         out: dict[str, list[Group]] = defaultdict(list)
-        for g in self.check.groups:
+        for g in self.check.views:
             if g.ok:
                 out[g.label].append(g)
         return dict(sorted(out.items()))
