@@ -5,8 +5,9 @@ Two ids come out of it (docs/design.md, "Environments"):
   model, stepping, microcode and flags, the kernel, the GPU model. A VM's model string alone
   ("AMD EPYC") cannot tell CPU generations apart; the flags and stepping can.
 - ``environment_id``: the machine plus everything that picks the kernels a run executes:
-  the software versions, the ISA torch and oneDNN dispatch to, the BLAS, threads, device,
-  matmul precision, autocast and the determinism switches. Same-seed runs with equal
+  the software versions, the ISA torch and oneDNN dispatch to, the BLAS, the variables that
+  steer them (``NUMERIC_ENV``), threads, device, matmul precision, autocast and the
+  determinism switches. Same-seed runs with equal
   ``environment_id`` are a determinism test; with different ones, a cross-environment pair.
 
 The run id includes ``environment_id``: the same run in another environment is another run.
@@ -64,6 +65,23 @@ ONEDNN_NEEDS = {
 }
 ATEN_NEEDS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 IMAGE_ENV = "HARNESS_IMAGE"  # set by the project's container image: its name and tag
+# Variables that pick kernels or their order of operations, as the process was started
+# with them (MKL's code path and conditional reproducibility, TF32 on Ampere and later).
+# Not the thread counts (the run sets torch's), nor what the run itself sets (the cuBLAS
+# workspace): the id must be the same before a run as in its record.
+NUMERIC_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "NVIDIA_TF32_OVERRIDE",
+)
+
+
+def numeric_env() -> dict[str, str]:
+    """The ``NUMERIC_ENV`` variables this process has."""
+    return {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
 
 
 @cache
@@ -222,7 +240,7 @@ def environment_id(device: str, settings: dict[str, Any]) -> str:
     software = {"python": sys.version.split()[0], **package_versions()}
     software |= {k: cuda[k] for k in ("cuda", "cudnn", "driver")}
     build = torch_build()
-    return stable_hash([machine(device)["machine_id"], software, build, settings], 12)
+    return stable_hash([machine(device)["machine_id"], software, build, numeric_env(), settings], 12)
 
 
 def fingerprint(
@@ -251,6 +269,7 @@ def fingerprint(
         "image": os.environ.get(IMAGE_ENV),
         **machine(device),
         "torch_build": torch_build(),
+        "numeric_env": numeric_env(),
         "execution": settings,
         "variant": variant,
         "requested": requested,

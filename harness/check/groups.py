@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import chain, combinations
 from pathlib import Path
 from typing import Any
 
@@ -442,9 +442,9 @@ def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
         envs = g.environments
         if len(envs) > 1:
             g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
-    bootstrap_means(
-        s for g in groups for s in (*g.stats.values(), *(v for st in g.env_stats.values() for v in st.values()))
-    )
+    # Per environment, only quality metrics get an interval: the cost columns show means.
+    per_env = (st[m] for g in groups for st in g.env_stats.values() for m in QUALITY if m in st)
+    bootstrap_means(chain((s for g in groups for s in g.stats.values()), per_env))
     several = {g.label for g in groups if g.env_stats}  # labels shown per environment
     for g in groups:
         g.split = g.label in several

@@ -47,7 +47,7 @@ class ScoreDiff:
 
     max_abs: float
     max_rel: float  # |b - a| / |a|, largest over images
-    ranking_identical: bool  # the images sort the same by score
+    ranking_identical: bool  # sorted by a's scores, b's never fall: the images rank the same
     kendall_tau: float  # rank agreement: 1 when the rankings are identical
 
     @classmethod
@@ -56,11 +56,14 @@ class ScoreDiff:
         if aligned is None:
             return None
         sa, sb = aligned
+        if not len(sa):
+            return BITWISE_SCORES
         diff = np.abs(sa - sb)
-        rel = diff / np.maximum(np.abs(sa), np.finfo(np.float64).tiny)
-        same = bool(np.array_equal(np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")))
+        rel = diff / np.abs(sa).clip(np.finfo(np.float64).tiny)
+        in_a_order = sb[sa.argsort(kind="stable")]
+        same = bool((in_a_order[1:] >= in_a_order[:-1]).all())  # b's scores never fall in a's order
         tau = 1.0 if same or len(sa) < 2 else float(kendalltau(sa, sb).statistic)
-        return cls(float(np.max(diff, initial=0.0)), float(np.max(rel, initial=0.0)), same, tau)
+        return cls(float(diff.max()), float(rel.max()), same, tau)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -135,34 +135,30 @@ def search_plot(searches: list[Search]) -> bytes:
     return _png(fig)
 
 
-SCORE_FLOOR = 1e-12  # where a bitwise-equal score (a difference of 0) is drawn on the log axis
+def score_diff_plot(crosses: list[CrossEnvironment]) -> bytes:
+    """Per pair of environments: how far every test image's score moved, over every group and
+    seed both ran, as a histogram of log10 |difference| (bitwise-equal scores counted apart).
 
-
-def _short(c: CrossEnvironment) -> str:
-    a, b = c.a, c.b
-    return f"{a.variant or a.environment_id[:6]}\nvs\n{b.variant or b.environment_id[:6]}"
-
-
-def score_diff_plot(crosses: list[tuple[Group, list[CrossEnvironment]]]) -> bytes:
-    """Per group, per pair of environments: every test image's |score difference| over the
-    seeds both ran (log scale; bitwise-equal scores on the floor line)."""
-    fig, axes = _figure(len(crosses), width=max(4.0, 1.3 * max(len(cs) for _, cs in crosses)), sharey=True)
-    for ax, (g, cs) in zip(axes, crosses, strict=True):
-        for i, c in enumerate(cs, start=1):
-            diffs = []
-            for p in c.pairs:
-                aligned = aligned_scores(p.a, p.b)
-                if aligned is not None:
-                    diffs.append(np.abs(aligned[0] - aligned[1]))
-            values = np.maximum(np.concatenate(diffs), SCORE_FLOOR) if diffs else np.zeros(0)
-            jitter = np.linspace(-0.2, 0.2, len(values)) if len(values) > 1 else np.zeros(len(values))
-            ax.scatter(i + jitter, values, s=8, alpha=0.6, color="tab:red" if c.verdict != "bitwise" else "tab:green")
-        ax.axhline(SCORE_FLOOR, color="tab:gray", lw=0.6, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlim(0.4, len(cs) + 0.6)
-        ax.set_xticks(range(1, len(cs) + 1), [_short(c) for c in cs], fontsize=6)
-        ax.set_title(f"{g.label} {g.category}", fontsize=9)
-        ax.set_ylabel("|score difference| per image", fontsize=8)
-        ax.tick_params(labelleft=True)
-    fig.suptitle(f"Same seed, other environment: per-image score differences (0 drawn at {SCORE_FLOOR:g})", fontsize=10)
+    One panel per pair of environments, however many groups: a store of 300 groups in three
+    environments draws three histograms, not millions of points."""
+    by_pair: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+    names: dict[tuple[str, str], str] = {}
+    for c in crosses:
+        key = (c.a.environment_id, c.b.environment_id)
+        names[key] = f"{c.a.variant or c.a.environment_id} vs {c.b.variant or c.b.environment_id}"
+        for p in c.pairs:
+            aligned = aligned_scores(p.a, p.b)
+            if aligned is not None:
+                by_pair[key].append(np.abs(aligned[0] - aligned[1]))
+    fig, axes = _figure(len(by_pair), width=4.5)
+    edges = np.arange(-12, 1.01, 0.5)  # 1e-12 .. 10, half a decade a bin
+    for ax, (key, diffs) in zip(axes, sorted(by_pair.items()), strict=True):
+        values = np.concatenate(diffs)
+        equal = int(np.sum(values == 0))
+        moved = np.log10(values[values > 0])
+        ax.hist(np.clip(moved, edges[0], edges[-1]), bins=edges.tolist(), color="tab:red", alpha=0.8)
+        ax.set_xlabel("log10 |score difference| per image", fontsize=8)
+        ax.set_ylabel("test images", fontsize=8)
+        ax.set_title(f"{names[key]}: {len(values)} images, {equal} equal", fontsize=8)
+    fig.suptitle("Same seed, other environment: how far each test image's score moved", fontsize=10)
     return _png(fig)

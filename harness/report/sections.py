@@ -350,7 +350,7 @@ class StabilityReport:
                 by_sweep[(s.sweep, s.model)].append(s)
         for (sweep, model), searches in sorted(by_sweep.items()):
             out[f"search-{sweep}-{model}"] = search_plot(searches)
-        crosses = [(g, g.cross_environment) for g in self.check.groups if g.cross_environment]
+        crosses = [c for g in self.check.groups for c in g.cross_environment]
         if crosses:
             out["environments-score-diff"] = score_diff_plot(crosses)
         return out
