@@ -37,12 +37,15 @@ def demo_args() -> list[str]:
 def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
     """The studies load as `harness sweep` loads them, and a built wheel carries them (the image
     installs the package without `experiments/`)."""
-    patchcore, ganomaly = (load_spec(p) for p in spec_paths())
+    patchcore, ganomaly, environments = (load_spec(p) for p in spec_paths())
     assert (patchcore.study, patchcore.model, patchcore.seeds) == ("seeds", "patchcore", [0, 1, 2])
     assert patchcore.repeats == 2
     assert (ganomaly.study, ganomaly.model, ganomaly.seeds, ganomaly.repeats) == ("hpo", "ganomaly", [0, 1, 2], 2)
-    for spec in (patchcore, ganomaly):
-        assert tuple(spec.data.categories) == CATEGORIES
+    assert environments.model_args == patchcore.model_args  # the seed study, in other environments
+    assert list(environments.environments or {}) == ["native", "aten-default", "bf16"]
+    assert tuple(environments.data.categories) == ("grid",)
+    assert tuple(patchcore.data.categories) == tuple(ganomaly.data.categories) == CATEGORIES
+    for spec in (patchcore, ganomaly, environments):
         assert spec.tracking.wandb is not None
         assert spec.tracking.wandb.mode == "offline"
         assert spec.resources.gpu == 0  # runs anywhere
@@ -125,7 +128,12 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
     for g in groups.values():
         assert (g["n_runs"], g["seeds"], g["repeats"]) == (6, [0, 1, 2], 2)
         assert g["determinism"]["verdict"] == "bitwise"  # same seed, same machine
-    assert sorted(c["category"] for c in doc["comparisons"]) == sorted(CATEGORIES)
+    main = [c for c in doc["comparisons"] if "demo-environments" not in c["a"] + c["b"]]
+    assert sorted(c["category"] for c in main) == sorted(CATEGORIES)
+    # the environments study's rows are compared with the others only in their environment
+    in_envs = [c for c in doc["comparisons"] if c not in main]
+    assert in_envs
+    assert all("demo-environments/patchcore in native" in (c["a"], c["b"]) for c in in_envs)
     assert len(doc["searches"]) == 3
 
     # the report, under --out like everything else, and the committed one is that report (same

@@ -353,7 +353,8 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, synth_root: Path) -> None:
-    """As the README says to submit it, W&B settings passed through the job's runtime env."""
+    """As the README says to submit it, W&B settings passed through the job's runtime env,
+    in two environments (a variant's workers start with its variables and the job's)."""
     results = tmp_path / "results"
     submit = subprocess.run(
         [
@@ -380,6 +381,11 @@ def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, syn
             "seeds=[0]",
             "--set",
             "tracking.wandb.mode=disabled",  # the runtime env's WANDB_MODE overrides it
+            # A variant's workers get its variables on top of the job's (both must arrive).
+            "--set",
+            "environments.native={}",
+            "--set",
+            "environments.aten-default.aten_cpu_capability=default",
             "--results",
             str(results),
         ],
@@ -389,11 +395,14 @@ def test_ray_job_submit_runs_the_smoke_sweep(head_node: str, tmp_path: Path, syn
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout
-    assert "sweep smoke: 2 ok, 0 failed" in submit.stdout
+    assert "sweep smoke: 4 ok, 0 failed" in submit.stdout
     recs = records(results)
-    assert len(recs) == 2
+    assert len(recs) == 4
     assert all(r["status"] == "ok" for r in recs)
-    assert "W&B (offline): 2 runs and the summary run" in submit.stdout
+    dispatch = {r["environment"]["variant"]: r["environment"]["torch_build"]["cpu_capability"] for r in recs}
+    assert dispatch["aten-default"] == "default"
+    assert dispatch["native"] != "default"
+    assert "W&B (offline): 4 runs and the summary run" in submit.stdout
     logged = {p.name.rsplit("-", 1)[-1] for p in (results / "smoke" / "wandb").glob("offline-run-*")}
     assert {r["run_id"] for r in recs} < logged
 

@@ -63,7 +63,7 @@ class Group:
 
     def in_environment(self, env: str) -> Group:
         """The group's runs in one environment, with that environment's statistics and
-        determinism pairs; labelled ``LABEL in NAME`` when the group ran in several."""
+        determinism pairs, labelled ``LABEL in NAME``; the group itself unless it is ``split``."""
         if not self.split:
             return self
         ok = [r for r in self.ok if r.environment_id == env]

@@ -91,11 +91,6 @@ def _last_line(path: str | None) -> str:
     return lines[-1] if lines else f"see {path}"
 
 
-def _reverse(text: str) -> tuple[int, ...]:
-    """A key under which ``max`` prefers the text that sorts first."""
-    return tuple(-ord(c) for c in text)
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, float | int) and math.isfinite(value)
 
@@ -201,7 +196,7 @@ def search(
     sign = 1 if spec.mode == "max" else -1
     # Ties go to the configuration that sorts first: the same in every environment (a run id
     # is not), so a winner changes only when the scores do.
-    best = max(candidates, key=lambda r: (sign * (r.metrics[spec.metric] or 0.0), _reverse(stable_hash(r.config))))
+    best = min(candidates, key=lambda r: (-sign * (r.metrics[spec.metric] or 0.0), stable_hash(r.config)))
     return {
         "metric": spec.metric,
         "mode": spec.mode,
