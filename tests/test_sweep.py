@@ -92,7 +92,9 @@ def test_seeds_sweep_stores_every_run_as_harness_run_would(disc_spec: Path, tmp_
     again = sweep_cli(disc_spec, results)
     assert again.returncode == 0, again.stderr
     assert "0 ok, 0 failed, 0 lost, 4 already stored" in again.stdout
+    assert "importing anomalib" not in again.stdout  # stored runs were never sent to a worker
     assert snapshot(results) == before
+    assert not list((results / "smoke" / "claims").iterdir())  # every claim dropped
 
     # A record whose scores, metric or hash was changed is corrupt: its run goes again.
     paths = sorted(ResultsStore(results).paths())

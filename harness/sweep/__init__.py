@@ -19,7 +19,16 @@ from harness.errors import HarnessError
 from harness.models import get_model
 from harness.spec import ExperimentSpec, RunSpec, environment_names, expand, with_config
 from harness.store import ResultsStore
-from harness.sweep.cluster import check_environments, check_resources, cluster, held, ray_defaults, run_device
+from harness.sweep.cluster import (
+    check_environments,
+    check_resources,
+    cluster,
+    held,
+    joins,
+    ray_defaults,
+    ray_log,
+    run_device,
+)
 from harness.sweep.progress import Progress, SweepResult
 from harness.sweep.search import search, searcher
 from harness.sweep.tasks import run_grid
@@ -33,20 +42,23 @@ def preflight(spec: ExperimentSpec, address: str | None) -> None:
     if spec.study == "hpo" and spec.metric.startswith("val_pixel") and not get_model(spec.model).anomaly_maps:
         raise HarnessError(f"metric: {spec.model} makes no anomaly maps; use val_image_AUROC or val_image_F1Max")
     root = Path(spec.data.root).expanduser()
-    # On a cluster the data may live on the workers only: they check it there.
+    # On a cluster the data (and weights) may live on the workers only: they check it there.
     if address is None or root.exists():
         for category in spec.data.categories:
             check_data(spec.data, category)
+    if address is None:
+        adapter = get_model(spec.model)
+        adapter.check(adapter.Args.model_validate(spec.model_params()))  # weights it cannot get: now
     if spec.study == "hpo":
         searcher(spec)
 
 
 def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
     """Run a whole study; records land in ``results/<name>/runs/``."""
-    ray_defaults(address)  # before preflight, which may import Ray Tune
+    ray_defaults(joins(address))  # before preflight, which may import Ray Tune
     store = ResultsStore(results)
     store.check_writable()
-    preflight(spec, address)
+    preflight(spec, joins(address))
     tally = SweepResult(0, [], 0, [])
 
     def run(runs: list[RunSpec]) -> None:
@@ -58,7 +70,7 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
     if tracker is not None:
         tracker.attach(store)
     try:
-        with cluster(address):
+        with cluster(address), ray_log(Path(results) / spec.name / "ray.log"):
             check_resources(spec)
             check_environments(spec)
             if spec.study == "seeds":

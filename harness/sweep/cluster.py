@@ -11,13 +11,34 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
 from harness.spec import Device, ExperimentSpec
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set by `ray job submit` for the job's entrypoint: the cluster the job runs on.
+JOB_ADDRESS_ENV = "RAY_ADDRESS"
+# A lost node is declared dead within about period x threshold (Ray's defaults take about a
+# minute); a task on a dead connection fails once gRPC's keepalive gives up on it (Ray's
+# default waits five minutes before the first probe). See docs/fault-tolerance.md.
+NODE_FAILURE_CONFIG = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 2000,
+    "health_check_failure_threshold": 10,
+    "grpc_client_keepalive_time_ms": 5000,
+    "grpc_client_keepalive_timeout_ms": 5000,
+}
+
+
+def node_failure_env() -> dict[str, str]:
+    """``NODE_FAILURE_CONFIG`` as the variables ``ray start`` reads (head and workers alike)."""
+    return {f"RAY_{key}": str(value) for key, value in NODE_FAILURE_CONFIG.items()}
+
+
 # Passed from the driver to every worker: on a cluster, workers do not inherit its shell.
 PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "CUBLAS_WORKSPACE_CONFIG")
 
@@ -46,34 +67,41 @@ def held() -> list[str | None]:
 
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[None]:
-    """Join the cluster at ``address`` (``auto`` inside ``ray job submit``), or start a local one.
+    """Join the cluster at ``address``, or start a local one of this process's own.
 
-    Inside an open ``cluster`` of the same address, it is that one; another address is an
-    error, as Ray allows one per process. It says what it does: starting takes seconds.
+    Without ``address``, a job's entrypoint (``ray job submit`` sets ``RAY_ADDRESS``) joins
+    the job's cluster; anywhere else a sweep starts its own, never one that a ``ray start``
+    left running or left named in Ray's current-cluster file. Inside an open ``cluster`` of
+    the same address, it is that one; another address is an error, as Ray allows one per
+    process. It says what it does: starting takes seconds.
     """
+    join = joins(address)
     if _open:
-        if _open[-1] != address:
+        if _open[-1] != join:
             current = _open[-1] or "a local Ray cluster"
-            raise HarnessError(f"this process already holds {current}; it cannot also join {address or 'a local one'}")
+            raise HarnessError(f"this process already holds {current}; it cannot also join {join or 'a local one'}")
         yield
         return
-    ray_defaults(address)
-    if address is not None:
-        check_reachable(address)
+    ray_defaults(join)
+    if join is not None:
+        check_reachable(join, "--address" if address else JOB_ADDRESS_ENV)
     local = "starting a local Ray cluster (this machine only, on loopback; stopped at the end)"
-    print(f"joining the Ray cluster at {address}" if address else local, flush=True)
+    print(f"joining the Ray cluster at {join}" if join else local, flush=True)
     import ray
 
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
-        if address is None:
-            ray.init(include_dashboard=False, **quiet)  # type: ignore[arg-type]  # no dashboard: half the memory
+        if join is None:
+            # "local": a cluster of its own, whatever a `ray start` left in Ray's current-cluster
+            # file or runs on this machine. No dashboard: half the memory.
+            ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]
         else:
-            ray.init(address=address, **quiet)  # type: ignore[arg-type]
+            ray.init(address=join, **quiet)  # type: ignore[arg-type]
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        where = f"the Ray cluster at {join}" if join else "a local Ray cluster"
         raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
-    _open.append(address)
+    _raylet_messages_to_log()
+    _open.append(join)
     try:
         yield
     finally:
@@ -81,7 +109,13 @@ def cluster(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def joins(address: str | None) -> str | None:
+    """The cluster a sweep joins: ``address``, else the job's (``RAY_ADDRESS`` set by
+    ``ray job submit``); None: it starts its own."""
+    return address or os.environ.get(JOB_ADDRESS_ENV) or None
+
+
+def check_reachable(address: str, given_by: str = "--address", timeout_s: float = 5.0) -> None:
     """A HOST:PORT that nothing answers on is an error now (Ray would retry it for minutes)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
@@ -89,7 +123,45 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise HarnessError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise HarnessError(f"{given_by} {address}: no Ray cluster answers there ({why})") from None
+
+
+_ray_log: list[Path] = []  # where Ray's own messages to the driver go (innermost last)
+
+
+@contextlib.contextmanager
+def ray_log(path: Path) -> Iterator[None]:
+    """Send Ray's messages to the driver (a worker died, a node was marked dead) to ``path``
+    while a sweep runs: its progress lines say what happened, in one line."""
+    _ray_log.append(path)
+    try:
+        yield
+    finally:
+        _ray_log.pop()
+
+
+def _raylet_messages_to_log() -> None:
+    """Ray prints the messages it publishes to a driver (``pid`` "raylet": a worker died, a
+    node was marked dead) as paragraphs on stdout, whatever ``log_to_driver`` says; the
+    printer is a module function its listener thread looks up on each message."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "harness", False):
+        return
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet" or not _ray_log:
+            original(data, ignore_prefix)
+            return
+        with contextlib.suppress(OSError):
+            _ray_log[-1].parent.mkdir(parents=True, exist_ok=True)
+            with _ray_log[-1].open("a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} " + "\n".join(data.get("lines", [])) + "\n")
+
+    to_log.harness = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_log
 
 
 def check_resources(spec: ExperimentSpec) -> None:

@@ -7,6 +7,10 @@ so rerunning a killed sweep resumes it.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from harness.check.verify import verify
@@ -15,11 +19,13 @@ from harness.models import get_model
 from harness.record import Role, RunRecord
 from harness.spec import ExperimentSpec, RunSpec
 from harness.store import ResultsStore
+from harness.sweep.claims import Claims
 from harness.sweep.cluster import runtime_env, slots, task_options, worker_env
 from harness.sweep.progress import Progress
 from harness.sweep.worker import execute
 
 MAX_RETRIES = 3  # system failures (a worker or node lost) are retried elsewhere this many times
+POLL_S = 2.0  # how often the driver looks at the cluster's nodes and at runs another sweep has
 
 
 def stored_ok(store: ResultsStore, sweep: str, role: Role, progress: Progress) -> dict[str, RunRecord]:
@@ -57,64 +63,189 @@ def task_groups(runs: list[RunSpec], spec: ExperimentSpec, n_slots: int) -> list
     return out
 
 
+def split_stored(runs: list[RunSpec], stored: dict[str, RunRecord]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(to run, already stored). A run is stored when a verified ``ok`` record of it is, made in
+    an environment that this sweep's stored records of its variant were made in: decided by
+    the driver, before anything is sent to Ray."""
+    from harness.run import make_run_id
+
+    envs: dict[str | None, set[str]] = {}
+    for record in stored.values():
+        if record.environment_id:
+            envs.setdefault(record.variant, set()).add(record.environment_id)
+    todo: list[RunSpec] = []
+    done: list[RunSpec] = []
+    for run in runs:
+        ids = {make_run_id(run, env) for env in envs.get(run.environment_name, ())}
+        (done if ids & stored.keys() else todo).append(run)
+    return todo, done
+
+
+@dataclass
+class _Task:
+    """Runs sent to Ray as one task, those it returned so far, and the node it runs on."""
+
+    runs: list[RunSpec]
+    attempt: int
+    returned: set[int] = field(default_factory=set)
+    node: str | None = None
+
+    def left(self) -> list[RunSpec]:
+        return [r for i, r in enumerate(self.runs) if i not in self.returned]
+
+
+@dataclass
+class _Grid:
+    """One ``run_grid``: what waits to be sent, what is out on Ray, what another sweep has."""
+
+    spec: ExperimentSpec
+    store: ResultsStore
+    progress: Progress
+    role: Role
+    claims: Claims
+    stored: dict[str, RunRecord] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # record files read so far
+    pending: list[tuple[list[RunSpec], int]] = field(default_factory=list)  # groups to send, attempt
+    in_flight: dict[Any, _Task] = field(default_factory=dict)
+    waiting: list[RunSpec] = field(default_factory=list)  # claimed by another live sweep
+
+    def __post_init__(self) -> None:
+        self.seen = set(self.store.relpaths(self.spec.name))
+        self.stored = stored_ok(self.store, self.spec.name, self.role, self.progress)
+
+    def plan(self, runs: list[RunSpec]) -> None:
+        """Claim what is not stored; what another sweep holds is waited for, not computed."""
+        todo, done = split_stored(runs, self.stored)
+        for run in done:
+            self.progress.stored(run)
+        mine: list[RunSpec] = []
+        for run in todo:
+            if self.claims.take(run):
+                mine.append(run)
+            else:
+                self.waiting.append(run)
+                holder = self.claims.holder(run)
+                self.progress.event(f"{run_name(run)} is being run by another sweep ({holder}): waiting")
+        self.pending += [(group, 0) for group in reversed(task_groups(mine, self.spec, slots(self.spec)))]
+
+    def recheck_waiting(self) -> None:
+        """Runs another sweep was computing: stored now (counted), or its claim is gone (ours)."""
+        freed = {i for i, run in enumerate(self.waiting) if self.claims.holder(run) is None}
+        if not freed:
+            return
+        runs = [run for i, run in enumerate(self.waiting) if i in freed]
+        self.waiting = [run for i, run in enumerate(self.waiting) if i not in freed]
+        self.stored.update(self.new_records())
+        self.plan(runs)
+
+    def new_records(self) -> dict[str, RunRecord]:
+        """Verified ``ok`` records of this role stored since the last read (by another sweep)."""
+        names = [n for n in self.store.relpaths(self.spec.name) if n not in self.seen]
+        self.seen.update(names)
+        records = [self.store.get(self.spec.name, Path(n).stem) for n in names]
+        ok = [r for r in records if r is not None and r.ok and r.role == self.role]
+        corrupt = verify(ok)
+        return {r.run_id: r for i, r in enumerate(ok) if i not in corrupt}
+
+    def lost_nodes(self, dead: set[str]) -> None:
+        """Tasks on a node Ray declared dead go again now, not when Ray's own connection to
+        the node gives up (minutes, when the node's link is cut)."""
+        import ray
+
+        for ref, task in list(self.in_flight.items()):
+            if task.node in dead:
+                del self.in_flight[ref]
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                self.retry(task, f"node {str(task.node)[:8]} was declared dead")
+
+    def retry(self, task: _Task, why: str) -> None:
+        """The run a lost task was on goes again alone (up to ``MAX_RETRIES``); the runs after
+        it go on as a task of their own."""
+        left = task.left()
+        if not left:
+            return
+        if task.attempt < MAX_RETRIES:
+            self.pending.append(([left[0]], task.attempt + 1))
+            self.progress.event(f"retrying {run_name(left[0])} ({why})")
+        else:
+            self.lose([left[0]], why)
+        if left[1:]:
+            self.pending.append((left[1:], 0))
+
+    def lose(self, runs: list[RunSpec], why: str) -> None:
+        for run in runs:
+            self.claims.release(run)
+            self.progress.lose(run, why)
+
+    def store_record(self, record: RunRecord, run: RunSpec) -> None:
+        self.store.put(record)
+        self.seen.add(f"{self.spec.name}/runs/{record.run_id}.json")
+        self.claims.release(run)
+        self.progress.record(record)
+
+
 def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, progress: Progress) -> None:
     """Run the specs as Ray tasks (see ``task_groups``); store each record as it comes back.
 
-    When a task is lost with its worker or node, the run it was on is sent again alone (up to
-    ``MAX_RETRIES`` times; then it is reported lost, and a rerun retries it) and the runs after
-    it go on as a task of their own.
+    Runs stored already are left out before anything goes to Ray, and runs that another live
+    sweep of the same store is computing are waited for (``Claims``). When a task is lost
+    with its worker or node (Ray says so, or declares the node it ran on dead), the run it was
+    on goes again (``_Grid.retry``; after ``MAX_RETRIES`` it is reported lost, and a rerun
+    retries it).
     """
     import ray
     from ray.exceptions import RayError, RayTaskError
 
     if not runs:
         return
-    done = ray.put(frozenset(stored_ok(store, spec.name, runs[0].role, progress)))
+    grid = _Grid(spec, store, progress, runs[0].role, Claims(store.root / spec.name / "claims"))
     remote = ray.remote(execute)
     options = {"num_returns": "streaming", "max_retries": 0, "scheduling_strategy": "SPREAD", **task_options(spec)}
     env = worker_env()
-    pending = [(group, 0) for group in reversed(task_groups(runs, spec, slots(spec)))]
-    in_flight: dict[Any, tuple[list[RunSpec], set[int], int]] = {}  # task -> runs, returned, attempt
-    limit = spec.max_concurrent or len(pending)
-
-    while pending or in_flight:
-        while pending and len(in_flight) < limit:
-            group, attempt = pending.pop()
-            task = remote.options(**options, **runtime_env(group[0].env_vars()))
-            in_flight[task.remote([r.model_dump_json() for r in group], done, env)] = (group, set(), attempt)
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for gen in ready:
-            group, returned, attempt = in_flight[gen]
-            left = [r for i, r in enumerate(group) if i not in returned]
+    try:
+        grid.plan(runs)
+        looked = time.monotonic()
+        while grid.pending or grid.in_flight or grid.waiting:
+            grid.claims.renew()
+            limit = spec.max_concurrent or len(grid.pending) + len(grid.in_flight)
+            while grid.pending and len(grid.in_flight) < limit:
+                group, attempt = grid.pending.pop()
+                fn = remote.options(**options, **runtime_env(group[0].env_vars()))
+                grid.in_flight[fn.remote([r.model_dump_json() for r in group], env)] = _Task(group, attempt)
+            if time.monotonic() - looked >= POLL_S:
+                looked = time.monotonic()
+                grid.lost_nodes({n["NodeID"] for n in ray.nodes() if not n["Alive"]})
+                grid.recheck_waiting()
+            if not grid.in_flight:
+                time.sleep(POLL_S)
+                continue
+            ready, _ = ray.wait(list(grid.in_flight), num_returns=1, timeout=POLL_S)
+            if not ready:
+                continue
+            gen = ready[0]
+            task = grid.in_flight[gen]
             stream: Any = gen  # an ObjectRefGenerator (ray.wait's annotation says ObjectRef)
             try:
                 out: dict[str, Any] = ray.get(next(stream))
             except StopIteration:
-                del in_flight[gen]
-                for run in left:
-                    progress.lose(run, "its task ended without it")  # never expected: every run yields
+                del grid.in_flight[gen]
+                grid.lose(task.left(), "its task ended without it")  # never expected: every run yields
                 continue
             except RayError as exc:
-                del in_flight[gen]
+                del grid.in_flight[gen]
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
                 if isinstance(exc, RayTaskError):  # the task's own code failed: again would too
-                    for run in left:
-                        progress.lose(run, why)
-                    continue
-                if attempt < MAX_RETRIES:  # the worker or node is gone: its run again, alone
-                    pending.append(([left[0]], attempt + 1))
-                    progress.event(f"retrying {run_name(left[0])} ({why})")
-                else:
-                    progress.lose(left[0], why)
-                if left[1:]:
-                    pending.append((left[1:], 0))
+                    grid.lose(task.left(), why)
+                else:  # the worker or node is gone
+                    grid.retry(task, why)
                 continue
-            if "note" in out:
+            if "node" in out:
+                task.node = out["node"]
+            elif "note" in out:
                 progress.event(out["note"])
-                continue
-            returned.add(out["index"])
-            if out.get("skipped"):
-                progress.stored(group[out["index"]])
-                continue
-            store.put(out["record"])
-            progress.record(out["record"])
+            else:
+                task.returned.add(out["index"])
+                grid.store_record(out["record"], task.runs[out["index"]])
+    finally:
+        grid.claims.release_all()

@@ -55,18 +55,19 @@ def error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
 
 
-def execute(spec_jsons: list[str], done: frozenset[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
+def execute(spec_jsons: list[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
     """A Ray task (a streaming generator): its runs in turn, each record yielded when done.
 
     A task's runs are one run, or a seed study's runs of one category whose features do not
     depend on the seed: the first extracts them, the others reuse them (``run_one``'s cache).
-    A run whose ``ok`` record is already stored is skipped. Yields ``{"index", "record"}``,
-    ``{"index", "skipped"}``, or ``{"note"}`` (what the worker is busy with).
+    Yields ``{"node"}`` first (the driver retries a dead node's runs), then
+    ``{"index", "record"}`` per run, or ``{"note"}`` (what the worker is busy with).
     """
     worker_setup(env)
+    yield {"node": node_id()}
     if _HEAVY_IMPORT not in sys.modules:
         yield {"note": f"worker {os.getpid()} on node {node_id()[:8]} is importing anomalib (its first run)"}
-    from harness.run import FeatureCache, planned_run_id, run_one, unstarted_record
+    from harness.run import FeatureCache, run_one, unstarted_record
 
     cache: FeatureCache = {}  # this task's features: one category's, freed when it ends
     specs = [RunSpec.model_validate_json(s) for s in spec_jsons]
@@ -78,9 +79,6 @@ def execute(spec_jsons: list[str], done: frozenset[str], env: dict[str, str]) ->
         }
     for index, spec in enumerate(specs):
         try:
-            if planned_run_id(spec) in done:
-                yield {"index": index, "skipped": True}
-                continue
             record = run_one(spec, cache=cache)
         except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
             record = unstarted_record(spec, error_text(exc))
