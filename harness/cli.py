@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -280,7 +282,7 @@ def execute_run(
     device: Device,
 ) -> tuple[RunRecord, Path]:
     """Validate everything, run once, store the record: ``harness run``."""
-    from harness.spec import apply_overrides, parse_set, run_spec, validate_spec
+    from harness.spec import apply_overrides, parse_set, run_spec, set_origins, validate_spec
     from harness.store import ResultsStore, default_results_dir
 
     parsed = parse_set(overrides)
@@ -289,7 +291,8 @@ def execute_run(
         if flag:
             raise HarnessError(f"--set {'.'.join(parts)}: use {flag} for `harness run`")
     raw = {"model": model, "data": {"root": data_root, "categories": [category]}, "seeds": [seed]}
-    spec = validate_spec(apply_overrides(raw, parsed))
+    # An error in a value a flag or an override gave names that flag or override.
+    spec = validate_spec(apply_overrides(raw, parsed), origins={**_RUN_FLAG_KEYS, **set_origins(overrides)})
     if repeat < 0:
         raise HarnessError(f"--repeat must be >= 0, got {repeat}")
     store = ResultsStore(results or default_results_dir())
@@ -402,11 +405,23 @@ def main(argv: list[str] | None = None) -> int:
     name = ns.data_command if ns.command == "data" else ns.command
     if argv is None and ns.command in TRAINING_COMMANDS:
         _reexec_with_malloc_env(args)
+    # SIGTERM (kill, a job scheduler, docker stop) stops a command as Ctrl-C does, through the
+    # same clean-up (a local Ray cluster is shut down); signals reach the main thread only.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         return COMMANDS[name](ns)
-    except (HarnessError, OSError) as exc:  # OSError: an unwritable output, a full disk
+    except HarnessError as exc:
         print(f"harness {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # an unwritable output, a full disk: where, and what to do
+        from harness.fsutil import os_error_line
+
+        print(f"harness {ns.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"harness {ns.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -28,8 +29,56 @@ def _file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+class WriteError(HarnessError, OSError):
+    """A file that could not be written, in one line that says where and what to do; still an
+    ``OSError`` (with its ``errno``) for code that handles those."""
+
+
+# What to do about the errors a write meets most; a file in the way is named instead.
+_ADVICE = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+}
+
+
+def os_error_line(exc: OSError, path: Path | str | None = None) -> str:
+    """``path: reason (what to do)`` for an OSError: its words without ``[Errno N]``, the path
+    it happened at (``path``, else the error's own), and the way out where there is a usual one."""
+    where = path if path is not None else exc.filename
+    line = f"{where}: {exc.strerror or exc}" if where is not None else str(exc.strerror or exc)
+    advice = _ADVICE.get(exc.errno or 0)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and where is not None:
+        blocker = _file_in_the_way(Path(where))
+        advice = f"{blocker} is a file, not a directory" if blocker else None
+    return f"{line} ({advice})" if advice else line
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of ``path`` and its parents that exists and is not a directory."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the directory.
+
+    A failed write (a full disk, a read-only directory) leaves the old file as it was, removes
+    the temp file, and raises a ``WriteError`` naming ``path``.
+    """
+    try:
+        _write(path, data)
+    except OSError as exc:
+        error = WriteError(f"cannot write {os_error_line(exc, path)}")
+        error.errno = exc.errno
+        raise error from exc
+
+
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

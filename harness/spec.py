@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path, PurePath
-from typing import Any, Literal
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import HarnessError
 from harness.fingerprint import ONEDNN_NEEDS
@@ -30,12 +38,22 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _one_directory(name: str) -> str:
+    """A category is joined under ``data.root``: one directory name, never a way out of the root."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{name!r} is not one directory name under data.root (not '.' or '..'; no /, \\ or NUL)")
+    return name
+
+
+Category = Annotated[str, AfterValidator(_one_directory)]
+
+
 class DataSpec(StrictModel):
     """Where the images are and how every model sees them (the shared preprocessing)."""
 
     format: Literal["mvtec", "folder"] = "mvtec"
     root: str = "datasets/MVTecAD"
-    categories: list[str] = Field(min_length=1)
+    categories: list[Category] = Field(min_length=1)
     image_size: int = Field(default=256, ge=32, le=1024)
     train_batch_size: int = Field(default=32, ge=1)
     eval_batch_size: int = Field(default=32, ge=1)
@@ -47,6 +65,14 @@ class DataSpec(StrictModel):
     mask_dir: str | None = Field(default=None, min_length=1)
     normal_test_dir: str | None = Field(default=None, min_length=1)
     normal_split_ratio: float = Field(default=0.2, gt=0, lt=1)
+
+    @field_validator("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
+    @classmethod
+    def _inside_category(cls, sub: str | None) -> str | None:
+        """Joined under ROOT/<category>: a relative path that stays inside it."""
+        if sub is not None and ("\0" in sub or PurePosixPath(sub).is_absolute() or ".." in PurePosixPath(sub).parts):
+            raise ValueError(f"{sub!r} is not a path inside the category directory (relative, no '..' or NUL)")
+        return sub
 
 
 class EnvVariant(StrictModel):
@@ -272,7 +298,7 @@ class RunSpec(StrictModel):
     model: str
     model_args: dict[str, Any]
     data: DataSpec
-    category: str
+    category: Category
     seed: int
     repeat: int
     deterministic: bool
@@ -349,14 +375,98 @@ class RunSpec(StrictModel):
         return params
 
 
-def _one_line(err: ValidationError, *prefix: str) -> str:
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few dozen lines
+MAX_SPEC_VALUES = 100_000  # values of a document once its YAML aliases are expanded
+# Where a key was set, for errors: "--set repeats=two", or `harness run`'s "--category".
+Origins = dict[str, str]
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true and false. YAML 1.1's yes/no/on/off load as strings,
+    which a boolean key then refuses, rather than `pre_trained: no` silently reading false."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader
+
+
+def _plain(doc: Any, where: str = "") -> Any:
+    """A loaded document as a plain tree: aliases expanded (a 500-byte alias bomb expands to
+    billions of values, so the count is bounded), no cycles, keys and odd scalars as strings."""
+    count = 0
+    open_ids: set[int] = set()
+
+    def copy(node: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            raise HarnessError(f"{where}more than {MAX_SPEC_VALUES:,} values once YAML aliases are expanded")
+        if not isinstance(node, dict | list):
+            return node if node is None or isinstance(node, str | int | float) else str(node)
+        if id(node) in open_ids:
+            raise HarnessError(f"{where}a YAML alias inside its own anchor (a cycle)")
+        open_ids.add(id(node))
+        out = {_key(k): copy(v) for k, v in node.items()} if isinstance(node, dict) else [copy(v) for v in node]
+        open_ids.discard(id(node))
+        return out
+
+    return copy(doc)
+
+
+def _key(key: Any) -> str:
+    """A mapping key as JSON would write it (``1`` -> ``"1"``, ``true`` -> ``"true"``)."""
+    if isinstance(key, str):
+        return key
+    return json.dumps(key) if key is None or isinstance(key, int | float) else str(key)
+
+
+def _origin(key: str, origins: Origins) -> str | None:
+    """What set ``key`` (or the key it is under), if an override or a flag did."""
+    found = [k for k in origins if key == k or key.startswith(f"{k}.")]
+    return origins[max(found, key=len)] if found else None
+
+
+def _error(where: str, key: str, msg: str, origins: Origins | None) -> HarnessError:
+    """``where: key: msg``, where ``where`` is the override or flag that set the key, if one did."""
+    origin = _origin(key, origins or {}) if key else None
+    head = f"{origin}: " if origin else where
+    return HarnessError(f"{head}{key}: {msg}" if key else f"{head}{msg}")
+
+
+def _why(err: ValidationError) -> str:
+    """The first error's message, in the words of a spec (and a hint where one helps)."""
     first = err.errors()[0]
-    where = ".".join([*prefix, *(str(p) for p in first["loc"])])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
+    elif first["type"] == "list_type" and isinstance(first["input"], str):
+        msg += f" (write a list in brackets: [{first['input']}])"
+    return f"{msg} (and {err.error_count() - 1} more)" if err.error_count() > 1 else msg
+
+
+def _loose_bool(raw: Any, valid: Any, key: tuple[str, ...] = ()) -> tuple[str, Any] | None:
+    """The first value validation read as a boolean that was not written true or false
+    (pydantic reads "no", "off", 0 as false), with its dotted key."""
+    if isinstance(valid, bool):
+        return None if isinstance(raw, bool) else (".".join(key), raw)
+    if isinstance(raw, dict) and isinstance(valid, dict):
+        pairs = [(str(k), v, valid[k]) for k, v in raw.items() if k in valid]
+    elif isinstance(raw, list) and isinstance(valid, list) and len(raw) == len(valid):
+        pairs = [(str(i), v, valid[i]) for i, v in enumerate(raw)]
+    else:
+        return None
+    for name, r, v in pairs:
+        if found := _loose_bool(r, v, (*key, name)):
+            return found
+    return None
 
 
 def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
@@ -368,16 +478,21 @@ def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not all(p.strip() for p in parts):
             raise HarnessError(f"--set {item!r}: expected key=value with a dotted key, e.g. data.image_size=64")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
+            value = _plain(_load_yaml(raw), f"--set {item}: ") if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as exc:
             raise HarnessError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
         out.append((parts, value))
     return out
 
 
+def set_origins(items: list[str]) -> Origins:
+    """Each ``--set`` key to its item, so an error in its value names the override, not the spec."""
+    return {item.partition("=")[0].strip(): f"--set {item}" for item in items}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
     """Set each dotted key in a copy of ``raw``; validation afterwards names any bad key."""
-    doc = json.loads(json.dumps(raw, default=str))
+    doc = _plain(raw)
     for parts, value in overrides:
         node = doc
         for p in parts[:-1]:
@@ -389,10 +504,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[list[str], Any]])
     return doc
 
 
-def validate_spec(raw: dict[str, Any], source: str = "") -> ExperimentSpec:
-    """Validate a spec document and the model's own arguments; one-line errors (``source: key: why``)."""
+def validate_spec(raw: dict[str, Any], source: str = "", origins: Origins | None = None) -> ExperimentSpec:
+    """Validate a spec document and the model's own arguments; one-line errors (``source: key: why``,
+    or ``--set key=value: key: why`` for a key an override in ``origins`` set)."""
     where = f"{source}: " if source else ""
-    spec = _validate(raw, where)
+    spec = _validate(raw, where, origins)
     # Every value a search can sample must make a valid spec: fail now, not in trial 37.
     for key, dim in (spec.search_space or {}).items():
         for value in dim.corners():
@@ -400,13 +516,17 @@ def validate_spec(raw: dict[str, Any], source: str = "") -> ExperimentSpec:
     return spec
 
 
-def _validate(raw: dict[str, Any], where: str) -> ExperimentSpec:
+def _validate(raw: dict[str, Any], where: str, origins: Origins | None = None) -> ExperimentSpec:
     try:
         spec = ExperimentSpec.model_validate(raw)
-        spec.model_params()
+        args = spec.model_params()
     except ValidationError as err:
-        prefix = () if err.title == ExperimentSpec.__name__ else ("model_args",)
-        raise HarnessError(f"{where}{_one_line(err, *prefix)}") from None
+        prefix = [] if err.title == ExperimentSpec.__name__ else ["model_args"]
+        key = ".".join([*prefix, *(str(p) for p in err.errors()[0]["loc"])])
+        raise _error(where, key, _why(err), origins) from None
+    loose = _loose_bool(raw, spec.model_dump()) or _loose_bool(raw.get("model_args"), args, ("model_args",))
+    if loose:
+        raise _error(where, loose[0], f"{loose[1]!r} is not a boolean: write true or false", origins)
     return spec
 
 
@@ -416,17 +536,38 @@ def with_config(spec: ExperimentSpec, config: dict[str, Any]) -> ExperimentSpec:
     return _validate(apply_overrides(spec.model_dump(mode="json", exclude_unset=True), overrides), "")
 
 
-def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Read a YAML spec, apply ``--set`` overrides, validate strictly."""
+def _read_spec(path: Path) -> str:
+    """A spec file's text; anything that is not a small UTF-8 file is a one-line error."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise HarnessError(f"spec not found: {path}") from None
+    except IsADirectoryError:
+        raise HarnessError(f"{path}: a directory, not a spec file") from None
+    except OSError as exc:
+        raise HarnessError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise HarnessError(f"{path}: larger than {MAX_SPEC_BYTES >> 20} MiB; a spec is a few dozen lines of YAML")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
+
+
+def load_spec(path: Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec, apply ``--set`` overrides, validate strictly."""
+    text = _read_spec(path)
+    try:
+        raw = _plain(_load_yaml(text), f"{path}: ")
     except yaml.YAMLError as exc:
         raise HarnessError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise HarnessError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of keys at the top level")
-    return validate_spec(apply_overrides(raw, parse_set(overrides or [])), str(path))
+    items = overrides or []
+    return validate_spec(apply_overrides(raw, parse_set(items)), str(path), set_origins(items))
 
 
 def run_spec(

@@ -61,6 +61,14 @@ class ResultsStore:
             return None  # missing or damaged: the run is redone and the file replaced whole
         return record if record.run_id == path.stem else None
 
+    def sweeps(self) -> list[str]:
+        """The names of the sweeps stored here (directories with a ``runs`` folder), sorted."""
+        try:
+            with os.scandir(self.root) as entries:
+                return sorted(e.name for e in entries if e.is_dir() and os.path.isdir(os.path.join(e.path, "runs")))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def relpaths(self, sweep: str = "*") -> list[str]:
         """Every record file (of one sweep, or all) as sorted ``<sweep>/runs/<run_id>.json``.
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +92,8 @@ def cluster(address: str | None) -> Iterator[None]:
     import ray
 
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if join is None:
             # "local": a cluster of its own, whatever a `ray start` left in Ray's current-cluster
@@ -101,12 +105,18 @@ def cluster(address: str | None) -> Iterator[None]:
         where = f"the Ray cluster at {join}" if join else "a local Ray cluster"
         raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
     _raylet_messages_to_log()
+    if main:
+        # Ray's init makes SIGTERM exit the process mid-shutdown (an abort, a C++ stack dump):
+        # a SIGTERM is a Ctrl-C here, so the cluster is stopped as after one.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     _open.append(join)
     try:
         yield
     finally:
         _open.pop()
         ray.shutdown()
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def joins(address: str | None) -> str | None:
