@@ -247,11 +247,32 @@ def build_validation_split(datamodule: Any, workdir: Path) -> None:
     (its initialisation draws from them): the draws are made from a fixed seed instead. It
     takes anomaly textures from ``./datasets/dtd`` when that exists in the working folder,
     so the split is built from an empty one: always Perlin noise, wherever the trial runs.
+    The synthetic images are written in ``workdir`` too, and go with it (see ``_synthetic_root``).
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    with _fixed_rng(DATA_SPLIT_SEED), contextlib.chdir(workdir):
+    with _fixed_rng(DATA_SPLIT_SEED), _synthetic_root(workdir / "synthetic_anomaly"), contextlib.chdir(workdir):
         datamodule.setup(TrainerFn.FITTING)  # a trainer-stage setup: fit() does not redo it
+    # The workdir owns the images: the dataset deleting them when collected, after the run
+    # removed the workdir, would fail.
+    datamodule.val_data._cleanup = False
+
+
+@contextlib.contextmanager
+def _synthetic_root(root: Path) -> Iterator[None]:
+    """Have anomalib write synthetic anomalies under ``root`` while a split is built.
+
+    It writes them under ``$TMPDIR/anomalib/synthetic_anomaly`` (its module's ``ROOT``) and
+    deletes them only when the dataset object is collected: not while a run's datamodule is
+    still referenced, never in a Ray worker that is killed (every search left folders there).
+    """
+    from anomalib.data.utils import synthetic
+
+    default, synthetic.ROOT = synthetic.ROOT, root.absolute()
+    try:
+        yield
+    finally:
+        synthetic.ROOT = default
 
 
 def _record_train_order(datamodule: Any, features: SharedFeatures) -> None:

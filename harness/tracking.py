@@ -241,15 +241,40 @@ class WandbTracker:
             **kwargs,
         )
 
+    @contextlib.contextmanager
+    def _run(self, exit_code: int = 0, **kwargs: Any) -> Iterator[Any]:
+        """One W&B run, from init to finish, with wandb's files in the sweep's ``wandb/``.
+
+        wandb-core writes its log (online, also a copy of each uploaded artifact file) under
+        ``WANDB_CACHE_DIR``, ``~/.cache/wandb`` by default. wandb stages artifact files in
+        ``WANDB_DATA_DIR/artifacts/staging`` and never removes a failed run's: here each run
+        stages in its own folder, which an offline run keeps for ``wandb sync`` and any other
+        run empties when it ends.
+        """
+        with _env_default("WANDB_CACHE_DIR", str(self.dir / "cache")):
+            run = self._init(**kwargs)
+            folder = Path(run.dir).parent
+            keep = False
+            try:
+                with _env_default("WANDB_DATA_DIR", str(folder)):
+                    try:
+                        yield run
+                    finally:
+                        run.finish(exit_code=exit_code)
+                keep = self.mode == "offline"
+            finally:
+                if not keep:
+                    shutil.rmtree(folder / "artifacts", ignore_errors=True)
+
     def _log_run(self, record: RunRecord, path: Path) -> None:
-        run = self._init(
+        with self._run(
+            exit_code=0 if record.ok else 1,
             id=record.run_id,
             job_type=record.model,
             name=run_name(record),
             config=run_config(record),
             tags=run_tags(record),
-        )
-        try:
+        ) as run:
             # An HPO trial's validation curve, epoch by epoch, as Tune saw it.
             for point in record.validation.curve if record.validation else []:
                 run.log(
@@ -259,8 +284,6 @@ class WandbTracker:
             copy = Path(run.dir) / path.name  # a copy in the run's files: later writes cannot change it
             shutil.copyfile(path, copy)
             run.save(str(copy), base_path=run.dir, policy="now")
-        finally:
-            run.finish(exit_code=0 if record.ok else 1)
         atomic_write_bytes(self._ledger(record.run_id), b"")  # its mtime is what counts
         self.logged += 1
 
@@ -283,32 +306,30 @@ class WandbTracker:
             for g in rep.groups
             for metric, stat in sorted(g.stats.items())
         ]
-        run = self._init(
-            id=f"summary-{stable_hash(self.sweep, 12)}",
-            job_type="summary",
-            name=f"{self.sweep}/summary",
-            config={"sweep": self.sweep, "records": rep.store.n_files, "report_command": command},
-            tags=["summary"],
-        )
-        try:
-            # Artifacts wait in WANDB_DATA_DIR until uploaded: keep an offline run's beside it.
-            with tempfile.TemporaryDirectory() as tmp, _env_default("WANDB_DATA_DIR", str(self.dir)):
-                md, plots = write_report(rep, Path(tmp) / f"{self.sweep}.md", command)
-                artifact = wandb.Artifact(f"report-{self.sweep}", type="report", description=f"built by `{command}`")
-                artifact.add_file(str(md), name=md.name)
-                for p in plots:
-                    artifact.add_file(str(p), name=f"{md.stem}/{p.name}")
-                run.log(
-                    {
-                        "stability": wandb.Table(columns=list(STABILITY_COLUMNS), data=rows),
-                        "seed_stats": wandb.Table(columns=list(SEED_STATS_COLUMNS), data=numbers),
-                        **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
-                    }
-                )
-                run.log_artifact(artifact)
+        with (
+            self._run(
+                id=f"summary-{stable_hash(self.sweep, 12)}",
+                job_type="summary",
+                name=f"{self.sweep}/summary",
+                config={"sweep": self.sweep, "records": rep.store.n_files, "report_command": command},
+                tags=["summary"],
+            ) as run,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            md, plots = write_report(rep, Path(tmp) / f"{self.sweep}.md", command)
+            artifact = wandb.Artifact(f"report-{self.sweep}", type="report", description=f"built by `{command}`")
+            artifact.add_file(str(md), name=md.name)
+            for p in plots:
+                artifact.add_file(str(p), name=f"{md.stem}/{p.name}")
+            run.log(
+                {
+                    "stability": wandb.Table(columns=list(STABILITY_COLUMNS), data=rows),
+                    "seed_stats": wandb.Table(columns=list(SEED_STATS_COLUMNS), data=numbers),
+                    **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
+                }
+            )
+            run.log_artifact(artifact)
             return str(run.url) if self.mode == "online" else None
-        finally:
-            run.finish()
 
 
 @contextlib.contextmanager

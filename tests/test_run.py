@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -257,3 +260,43 @@ def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tm
     assert splits[0][1] == splits[1][1]
     assert 0 < sum(splits[0][1]) < len(splits[0][1])
     assert torch.equal(splits[0][0], splits[1][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_trial_leaves_no_synthetic_anomalies_behind(
+    fails: bool, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation split's synthetic images are made in the run's own temporary folder,
+    and go with it when the run ends, failed or not (anomalib's fixed folder under /tmp kept
+    them, one per trial, for as long as the process held the datamodule)."""
+    from anomalib.data.utils import synthetic
+    from anomalib.engine import Engine
+
+    from harness.spec import ValidationSpec
+
+    made: list[Path] = []
+    init = synthetic.SyntheticAnomalyDataset.__init__
+
+    def recording_init(self: synthetic.SyntheticAnomalyDataset, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self.root)
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic.SyntheticAnomalyDataset, "__init__", recording_init)
+    if fails:
+        monkeypatch.setattr(Engine, "fit", full_disk)
+    tmp = tmp_path / "tmp"  # the system temp dir, as the run sees it (anomalib's ROOT was set on import)
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    spec = make_run_spec("ganomaly", synth_root).model_copy(update={"role": "trial", "validation": ValidationSpec()})
+    record = run_one(spec)
+    assert record.status == ("failed" if fails else "ok"), record.error
+    assert record.validation is not None
+    assert record.validation.n_val_anomalous == (0 if fails else 4)
+    (root,) = made
+    assert root.is_relative_to(tmp), f"{root} is outside the run's own temporary folder"
+    assert not root.exists()
+    assert list(tmp.iterdir()) == []

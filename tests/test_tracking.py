@@ -3,10 +3,12 @@ file, and a W&B failure that loses nothing."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickle
+import shutil
 import socket
 import stat
 import subprocess
@@ -34,11 +36,13 @@ FAKE_KEY = "local-" + "f4e3d2c1b0" * 4
 
 @pytest.fixture(autouse=True)
 def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """wandb writes logs and caches under HOME: give it the test's own."""
+    """wandb's defaults for logs, caches and staging are under HOME: give it the test's own."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))  # wandb-core's default cache, if set
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
     return home
 
 
@@ -155,6 +159,51 @@ def test_each_stored_record_is_one_wandb_run_and_the_summary_run_holds_the_table
     assert {f"plots/{p}" for p in plots} <= set(summary.summary)
     assert isinstance(t.out, io.StringIO)
     assert "W&B (offline): 9 runs and the summary run" in t.out.getvalue()
+
+
+def test_wandb_writes_nothing_outside_the_sweeps_wandb_folder(tmp_path: Path, wandb_home: Path) -> None:
+    """wandb-core's debug log defaults to ~/.cache/wandb/logs and artifact staging to
+    ~/.local/share/wandb: both stay in ``RESULTS/<sweep>/wandb`` (staging in the offline run's
+    own folder, where ``wandb sync`` reads it)."""
+    root = write_records(tmp_path / "results", [make_record(seed=s) for s in range(2)])
+    t = tracker(root)
+    t.finish(ResultsStore(root))
+    assert t.failure is None
+    assert [p for p in wandb_home.rglob("*") if "wandb" in p.name] == []
+    folder = root / "s1" / "wandb"
+    assert len(list(folder.glob("cache/wandb/logs/core-debug-*.log"))) == 1
+    summary = one_run(offline_runs(folder), f"summary-{stable_hash('s1', 12)}")
+    assert len(summary.staged) == 5  # the report, its two plots, the two tables
+    assert all(p.is_file() and p.is_relative_to(summary.dir / "artifacts" / "staging") for p in summary.staged)
+
+
+def test_a_run_that_fails_while_staging_leaves_no_staged_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills up while the summary run stages its artifact files: the copies wandb
+    made (one whole, one cut short) go with the failed run."""
+    root = write_records(tmp_path / "results", [make_record(seed=s) for s in range(2)])
+    copyfile = shutil.copyfile
+    staged: list[Path] = []
+
+    def filling_disk(src: str, dst: str, **kwargs: Any) -> str:
+        if Path(dst).parent.name != "staging":
+            return copyfile(src, dst, **kwargs)
+        staged.append(Path(dst))
+        if len(staged) == 1:
+            return copyfile(src, dst, **kwargs)
+        Path(dst).write_bytes(Path(src).read_bytes()[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", filling_disk)
+    t = tracker(root)
+    t.finish(ResultsStore(root))
+    assert t.failure == "OSError: [Errno 28] No space left on device"
+    assert "W&B: offline logging failed" in capsys.readouterr().err
+    assert t.logged == 2
+    assert len(staged) == 2
+    left = [p for p in (root / "s1" / "wandb").rglob("*") if "staging" in p.parts and p.is_file()]
+    assert left == []
 
 
 def test_the_ledger_logs_each_record_once_and_again_when_it_changes(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     artifacts: dict[str, list[str]] = field(default_factory=dict)  # name -> file paths in it
+    staged: list[Path] = field(default_factory=list)  # the local files `wandb sync` uploads them from
     exit_code: int | None = None
 
     def table(self, key: str) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def read_run(run_dir: Path) -> OfflineRun:
             run.files += [f.path for f in rec.files.files]
         elif kind == "artifact":
             run.artifacts[rec.artifact.name] = [c.path for c in rec.artifact.manifest.contents]
+            run.staged += [Path(c.local_path) for c in rec.artifact.manifest.contents]
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
     return run
