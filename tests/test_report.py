@@ -231,3 +231,14 @@ def test_all_fifteen_categories_get_a_mean_beside_the_published_means(tmp_path: 
     paper = means[("image_AUROC", "PatchCore paper, Roth et al. CVPR 2022 (WideResNet-50, 10% coreset)")]
     assert paper == ["0.970 [0.960, 0.980]", "0.990", "n/a: wide_resnet50_2 vs our resnet18"]
     assert len([r for r in rows if r[2] == "image_AUROC" and r[1] != "mean"]) == 15
+
+
+def test_the_reproduce_loop_quotes_category_names(tmp_path: Path) -> None:
+    """A category is one directory name, and such a name may hold spaces or a `$`."""
+    records = [make_record(category=c, seed=s) for c in ("disc", "my part $1") for s in range(2)]
+    write_records(tmp_path / "results", records)
+    out, _ = write_report(check(tmp_path / "results"), tmp_path / "r.md", "harness report results")
+    block = out.read_text().split("```bash\n")[1].split("```")[0]
+    loop = next(line for line in block.splitlines() if line.startswith("for c in"))
+    assert loop.startswith("for c in disc 'my part $1'; do")
+    assert '--category "$c"' in block

@@ -37,7 +37,7 @@ def run_command(run: Run, params: dict[str, Any], env: dict[str, Any]) -> str:
         sets += [f"{k}={_value(v)}" for k, v in variant.items()] or [f"environments.{run.variant}={{}}"]
     load_time = "".join(f"{k}={shlex.quote(v)} " for k, v in load_time_env(requested).items())
     head = f"{load_time}harness run --model {run.model} --data-root {shlex.quote(run.data_root)}"
-    head += f" --category $c --seed $s --repeat $r --device {device}"
+    head += f' --category "$c" --seed $s --repeat $r --device {device}'
     note = ""
     if run.role == "best":
         note = f"# the configuration {run.sweep}'s search selected (a rerun by hand is stored with role run)\n  "
@@ -65,7 +65,7 @@ def reproduce_commands(store: Store) -> list[str]:
             same_points[frozenset(runs)].append(category)
         for pairs, categories in sorted(same_points.items(), key=lambda kv: sorted(kv[1])):
             seeds, repeats = sorted({s for s, _ in pairs}), sorted({r for _, r in pairs})
-            cats = " ".join(sorted(categories))
+            cats = " ".join(shlex.quote(c) for c in sorted(categories))  # a name may hold $ or spaces
             if len(pairs) == len(seeds) * len(repeats):
                 head = f"for s in {' '.join(map(str, seeds))}; do for r in {' '.join(map(str, repeats))}; do"
             else:  # not a full grid: name each seed and repeat
