@@ -352,3 +352,89 @@ def test_launcher_config_has_gpu_workers_within_bounds_and_agrees() -> None:
     # Placeholders a user must fill, never a stale default (Ray's `latest_dlami` is Ubuntu 18.04).
     assert docker["image"] == "<IMAGE>"
     assert {t["node_config"]["ImageId"] for t in types.values()} == {"<AMI>"}
+
+
+# --- Ray's token auth ----------------------------------------------------------------------
+
+KUBERAY_TOKEN_KEY = "auth_token"  # the key KubeRay's operator reads in the Secret authOptions names
+
+
+def infra_files() -> list[Path]:
+    return sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+def test_no_config_turns_ray_auth_off() -> None:
+    for path in infra_files():
+        text = path.read_text()
+        assert not re.search(r"RAY_AUTH_MODE\W{0,20}(value\W{0,3})?disabled", text), path
+    assert not re.search(r"RAY_AUTH_MODE=disabled", (REPO / "docs" / "cluster.md").read_text())
+
+
+def test_the_token_is_referenced_never_written() -> None:
+    # No config holds a token: no Secret manifest, no RAY_AUTH_TOKEN set to a literal.
+    for path in infra_files():
+        text = path.read_text()
+        assert not re.search(r"^kind:\s*Secret\b", text, re.M), path
+        for m in re.finditer(r"RAY_AUTH_TOKEN\b[\"']?\s*[:=]\s*(\S+)", text):
+            # a compose interpolation, or in a comment a shell reading it from where it is kept
+            assert m.group(1).startswith(("${RAY_AUTH_TOKEN:?", "$(", '"$(')), (path, m.group(0))
+    # Compose: from the shell of each host, and compose refuses to start without it.
+    raw = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    env = raw["x-node"]["environment"]
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+    for svc in compose()["services"].values():
+        assert svc["environment"]["RAY_AUTH_TOKEN"] == "<RAY_AUTH_TOKEN>"
+
+
+def test_kuberay_pods_the_submitter_and_the_operator_share_one_token_secret() -> None:
+    (cluster,) = kuberay("raycluster.yaml")
+    (job,) = kuberay("rayjob.yaml")
+    auth = cluster["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    secret = auth["secretName"]  # the operator's own dashboard calls (a RayJob's status) use it
+    containers = [t["spec"]["containers"][0] for t in pod_templates(cluster)]
+    containers.append(job["spec"]["submitterPodTemplate"]["spec"]["containers"][0])
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"] == {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": secret, "key": KUBERAY_TOKEN_KEY}},
+        }, container["name"]
+    assert (
+        f"kubectl create secret generic {secret} --from-literal={KUBERAY_TOKEN_KEY}="
+        in (INFRA / "kuberay" / "raycluster.yaml").read_text()
+    )
+
+
+def test_launcher_gives_every_node_the_token_file_of_the_launching_machine() -> None:
+    config = launcher()
+    options = dict(re.findall(r"-e (\w+)=(\S+)", " ".join(config["docker"]["run_options"])))
+    assert options["RAY_AUTH_MODE"] == "token"
+    assert "RAY_AUTH_TOKEN" not in options
+    path = options["RAY_AUTH_TOKEN_PATH"]
+    # Copied by `ray up` from the user's home (Ray's default token file), never from the repo;
+    # in the container, Ray's default path for the image's user.
+    assert config["file_mounts"][path] == "~/.ray/auth_token"
+    assert path == "/home/harness/.ray/auth_token"
+    assert "useradd --create-home --uid 1000 --shell /bin/bash harness" in " ".join(
+        rest for word, rest in dockerfile() if word == "RUN"
+    )
+    for command in [*config["head_start_ray_commands"], *config["worker_start_ray_commands"]]:
+        assert "RAY_AUTH" not in command  # the container's environment says it, once
+
+
+def test_every_node_of_every_config_gets_the_node_failure_settings() -> None:
+    """A lost host's runs go elsewhere in seconds only where Ray is started with them."""
+    from harness.sweep.cluster import node_failure_env
+
+    want = node_failure_env()
+    raw = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    assert {k: str(raw["x-node"]["environment"].get(k)) for k in want} == want
+    (cluster,) = kuberay("raycluster.yaml")
+    for template in pod_templates(cluster):
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in want} == want
+    options = dict(re.findall(r"-e (\w+)=(\S+)", " ".join(launcher()["docker"]["run_options"])))
+    assert {k: options.get(k) for k in want} == want

@@ -101,9 +101,11 @@ def cluster(address: str | None) -> Iterator[None]:
             ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]
         else:
             ray.init(address=join, **quiet)  # type: ignore[arg-type]
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
         where = f"the Ray cluster at {join}" if join else "a local Ray cluster"
-        raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+        token = os.environ.get("RAY_AUTH_MODE") == "token"
+        hint = "" if token or join is None else " (a cluster with token auth needs RAY_AUTH_MODE=token and its token)"
+        raise HarnessError(f"cannot start or join {where}: {str(exc).splitlines()[0]}{hint}") from None
     _raylet_messages_to_log()
     if main:
         # Ray's init makes SIGTERM exit the process mid-shutdown (an abort, a C++ stack dump):
