@@ -109,6 +109,14 @@ def test_every_docs_page_the_code_cites_exists() -> None:
         assert (DOCS / name).is_file(), f"{source} cites docs/{name}, which does not exist"
 
 
+def test_every_test_the_fault_tolerance_page_names_is_a_test() -> None:
+    """Each case there is backed by a named test: a renamed or deleted one shows here."""
+    named = set(re.findall(r"\b(test_\w+)\b(?!\.py)", (DOCS / "fault-tolerance.md").read_text()))
+    defined = {n for p in REPO.glob("tests/**/*.py") for n in re.findall(r"^def (test_\w+)", p.read_text(), re.M)}
+    assert len(named) >= 10
+    assert named <= defined, named - defined
+
+
 def test_the_readme_is_a_landing_page_that_links_every_doc() -> None:
     text = README.read_text()
     assert len(text.splitlines()) <= 220, "the README is a landing page: move detail to docs/"

@@ -28,13 +28,17 @@ SMOKE = REPO / "experiments" / "smoke.yaml"
 SMOKE_HPO = REPO / "experiments" / "smoke_hpo.yaml"
 
 
-def sweep_cli(spec: Path, results: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def sweep_cli(
+    spec: Path, results: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``harness sweep`` in a fresh process (``env``: variables on top of this one's)."""
     return subprocess.run(
         [sys.executable, "-m", "harness", "sweep", str(spec), "--results", str(results), *args],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 

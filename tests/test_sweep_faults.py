@@ -4,7 +4,6 @@ twice, and keeps Ray's paragraphs about dead workers off its output."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -50,16 +49,8 @@ def test_a_cluster_running_on_the_machine_is_not_joined(head_node: str, tmp_path
     assert JobSubmissionClient(head_node).list_jobs() == []  # no driver ever joined it
 
 
-@pytest.mark.slow
 def test_an_address_in_the_environment_that_nothing_answers_on_is_one_line(tmp_path: Path, synth_root: Path) -> None:
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_free_port()}"}
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", "sweep", str(_spec(tmp_path, synth_root)), "--results", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    out = sweep_cli(_spec(tmp_path, synth_root), tmp_path / "r", env={"RAY_ADDRESS": f"127.0.0.1:{_free_port()}"})
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1
     assert "RAY_ADDRESS 127.0.0.1:" in out.stderr
@@ -113,14 +104,7 @@ def test_a_killed_worker_is_one_progress_line_and_a_log_entry(tmp_path: Path, sy
 
 def test_pretrained_weights_it_cannot_get_fail_before_any_run(tmp_path: Path, synth_root: Path) -> None:
     spec = _spec(tmp_path, synth_root, model_args__pre_trained=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", "sweep", str(spec), "--results", str(tmp_path / "results")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    out = sweep_cli(spec, tmp_path / "results", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1
     assert "pretrained resnet18 weights unavailable" in out.stderr
