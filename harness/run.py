@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -547,7 +548,8 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None, cache: FeatureCach
         error: str | None = None
         fitted: Fitted | None = None
         metrics: dict[str, float | None] = {}
-        with monitor, tempfile.TemporaryDirectory(prefix="harness-run-") as workdir:
+        remove_dead_workdirs()
+        with monitor, tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
             try:
                 fitted = fit_and_predict(spec, args, device, Path(workdir), on_val, shared)
                 metrics = compute_metrics(fitted.pred) if fitted.pred is not None else state.last_validation()
@@ -557,6 +559,28 @@ def run_one(spec: RunSpec, on_epoch: EpochHook | None = None, cache: FeatureCach
                 last = traceback.extract_tb(exc.__traceback__)[-1]
                 error = f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
         return build_record(state, fitted, metrics, error)
+
+
+WORKDIR_PREFIX = "harness-run-"  # + the pid of the process whose run's work folder it is
+
+
+def remove_dead_workdirs() -> None:
+    """Remove the work folders of runs whose process was killed (a lost Ray worker leaves its
+    run's synthetic anomalies and Lightning files behind); a live process's folder stays."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def unstarted_record(spec: RunSpec, error: str) -> RunRecord:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -300,3 +303,19 @@ def test_a_trial_leaves_no_synthetic_anomalies_behind(
     assert root.is_relative_to(tmp), f"{root} is outside the run's own temporary folder"
     assert not root.exists()
     assert list(tmp.iterdir()) == []
+
+
+def test_a_killed_runs_work_folder_is_removed_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray worker killed mid-run leaves its folder; the next run on the machine removes it."""
+    from harness.run import WORKDIR_PREFIX, remove_dead_workdirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"{WORKDIR_PREFIX}{dead.pid}-abc"
+    (left / "synthetic_anomaly").mkdir(parents=True)
+    live = tmp_path / f"{WORKDIR_PREFIX}{os.getpid()}-def"
+    live.mkdir()
+    remove_dead_workdirs()
+    assert not left.exists()
+    assert live.exists()
