@@ -400,10 +400,15 @@ def _timing(fitted: Fitted | None, total_s: float) -> Timing:
     )
 
 
+def run_environment_id(spec: RunSpec) -> str:
+    """The ``environment_id`` this process gives the run (its run id includes it)."""
+    device = resolve_device(spec.device)
+    return environment_id(device, execution_settings(spec, device))
+
+
 def planned_run_id(spec: RunSpec) -> str:
     """The id ``run_one`` will give this run here, without running it: what a sweep resumes by."""
-    device = resolve_device(spec.device)
-    return make_run_id(spec, environment_id(device, execution_settings(spec, device)))
+    return make_run_id(spec, run_environment_id(spec))
 
 
 def run_fingerprint(spec: RunSpec, device: str) -> dict[str, Any]:

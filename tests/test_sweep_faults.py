@@ -110,3 +110,18 @@ def test_pretrained_weights_it_cannot_get_fail_before_any_run(tmp_path: Path, sy
     assert "pretrained resnet18 weights unavailable" in out.stderr
     assert "starting a local Ray cluster" not in out.stdout
     assert not (tmp_path / "results" / "smoke").exists()
+
+
+@pytest.mark.slow
+def test_the_same_study_in_another_environment_is_other_runs(tmp_path: Path, synth_root: Path, ray_tmp: Path) -> None:
+    """Resume leaves out what is stored in the environment the runs get now, not elsewhere."""
+    spec = _spec(tmp_path, synth_root, seeds=[0], repeats=1)
+    results = tmp_path / "results"
+    assert sweep_cli(spec, results).returncode == 0
+    other = sweep_cli(spec, results, env={"ATEN_CPU_CAPABILITY": "default"})  # workers inherit it
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "sweep smoke: 1 ok, 0 failed, 0 lost, 0 already stored" in other.stdout
+    again = sweep_cli(spec, results, env={"ATEN_CPU_CAPABILITY": "default"})
+    assert "sweep smoke: 0 ok, 0 failed, 0 lost, 1 already stored" in again.stdout
+    assert "importing anomalib" not in again.stdout
+    assert len({r["environment"]["environment_id"] for r in records(results)}) == 2

@@ -63,22 +63,44 @@ def task_groups(runs: list[RunSpec], spec: ExperimentSpec, n_slots: int) -> list
     return out
 
 
-def split_stored(runs: list[RunSpec], stored: dict[str, RunRecord]) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(to run, already stored). A run is stored when a verified ``ok`` record of it is, made in
-    an environment that this sweep's stored records of its variant were made in: decided by
-    the driver, before anything is sent to Ray."""
+def split_stored(
+    runs: list[RunSpec], stored: dict[str, RunRecord], environments: dict[str | None, str | None]
+) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(to run, already stored): a run is stored when its verified ``ok`` record is, with the
+    id it gets in its variant's environment on this cluster (``environments``; an unknown one
+    is left to the worker)."""
     from harness.run import make_run_id
 
-    envs: dict[str | None, set[str]] = {}
-    for record in stored.values():
-        if record.environment_id:
-            envs.setdefault(record.variant, set()).add(record.environment_id)
     todo: list[RunSpec] = []
     done: list[RunSpec] = []
     for run in runs:
-        ids = {make_run_id(run, env) for env in envs.get(run.environment_name, ())}
-        (done if ids & stored.keys() else todo).append(run)
+        env = environments.get(run.environment_name)
+        (done if env is not None and make_run_id(run, env) in stored else todo).append(run)
     return todo, done
+
+
+def environments_of(runs: list[RunSpec], spec: ExperimentSpec) -> dict[str | None, str | None]:
+    """Per variant, the ``environment_id`` its runs get on this cluster: one probe each, in a
+    worker started as the runs' will be, where they can run (the run id includes it)."""
+    import ray
+
+    from harness.sweep.worker import environment_of
+
+    probe = ray.remote(environment_of)
+    firsts = {run.environment_name: run for run in reversed(runs)}
+    refs = {
+        name: probe.options(**task_options(spec), **runtime_env(run.env_vars())).remote(
+            run.model_dump_json(), worker_env()
+        )
+        for name, run in firsts.items()
+    }
+    out: dict[str | None, str | None] = {}
+    for name, ref in refs.items():
+        try:
+            out[name] = ray.get(ref)
+        except ray.exceptions.RayError:  # the runs will say what is wrong there; workers skip stored runs
+            out[name] = None
+    return out
 
 
 @dataclass
@@ -103,10 +125,12 @@ class _Grid:
     progress: Progress
     role: Role
     claims: Claims
+    environments: dict[str | None, str | None] = field(default_factory=dict)  # see environments_of
     stored: dict[str, RunRecord] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)  # record files read so far
     pending: list[tuple[list[RunSpec], int]] = field(default_factory=list)  # groups to send, attempt
     in_flight: dict[Any, _Task] = field(default_factory=dict)
+    done: Any = None  # the stored run ids, in Ray's object store, for the workers
     waiting: list[RunSpec] = field(default_factory=list)  # claimed by another live sweep
 
     def __post_init__(self) -> None:
@@ -115,7 +139,10 @@ class _Grid:
 
     def plan(self, runs: list[RunSpec]) -> None:
         """Claim what is not stored; what another sweep holds is waited for, not computed."""
-        todo, done = split_stored(runs, self.stored)
+        import ray
+
+        todo, done = split_stored(runs, self.stored, self.environments)
+        self.done = ray.put(frozenset(self.stored))
         for run in done:
             self.progress.stored(run)
         mine: list[RunSpec] = []
@@ -200,6 +227,7 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
     if not runs:
         return
     grid = _Grid(spec, store, progress, runs[0].role, Claims(store.root / spec.name / "claims"))
+    grid.environments = environments_of(runs, spec)
     remote = ray.remote(execute)
     options = {"num_returns": "streaming", "max_retries": 0, "scheduling_strategy": "SPREAD", **task_options(spec)}
     env = worker_env()
@@ -212,7 +240,7 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
             while grid.pending and len(grid.in_flight) < limit:
                 group, attempt = grid.pending.pop()
                 fn = remote.options(**options, **runtime_env(group[0].env_vars()))
-                grid.in_flight[fn.remote([r.model_dump_json() for r in group], env)] = _Task(group, attempt)
+                grid.in_flight[fn.remote([r.model_dump_json() for r in group], grid.done, env)] = _Task(group, attempt)
             if time.monotonic() - looked >= POLL_S:
                 looked = time.monotonic()
                 grid.lost_nodes({n["NodeID"] for n in ray.nodes() if not n["Alive"]})
@@ -244,6 +272,10 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
                 task.node = out["node"]
             elif "note" in out:
                 progress.event(out["note"])
+            elif out.get("skipped"):
+                task.returned.add(out["index"])
+                grid.claims.release(task.runs[out["index"]])
+                progress.stored(task.runs[out["index"]])
             else:
                 task.returned.add(out["index"])
                 grid.store_record(out["record"], task.runs[out["index"]])

@@ -45,6 +45,18 @@ def probe_environment(requested: dict[str, Any]) -> str | None:
     return None
 
 
+def environment_of(spec_json: str, env: dict[str, str]) -> str | None:
+    """The ``environment_id`` a run gets in a worker started as this one (None: it cannot say,
+    say a device it does not see): the driver resumes by it, before sending runs out."""
+    worker_setup(env)
+    from harness.run import run_environment_id
+
+    try:
+        return run_environment_id(RunSpec.model_validate_json(spec_json))
+    except HarnessError:
+        return None
+
+
 def node_id() -> str:
     import ray
 
@@ -55,19 +67,22 @@ def error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
 
 
-def execute(spec_jsons: list[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
+def execute(spec_jsons: list[str], done: frozenset[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
     """A Ray task (a streaming generator): its runs in turn, each record yielded when done.
 
     A task's runs are one run, or a seed study's runs of one category whose features do not
     depend on the seed: the first extracts them, the others reuse them (``run_one``'s cache).
+    The driver sends no run it knows is stored; on a cluster of unlike nodes a run may be
+    stored in this node's environment though, and is skipped (its id is in ``done``).
     Yields ``{"node"}`` first (the driver retries a dead node's runs), then
-    ``{"index", "record"}`` per run, or ``{"note"}`` (what the worker is busy with).
+    ``{"index", "record"}`` or ``{"index", "skipped"}`` per run, or ``{"note"}`` (what the
+    worker is busy with).
     """
     worker_setup(env)
     yield {"node": node_id()}
     if _HEAVY_IMPORT not in sys.modules:
         yield {"note": f"worker {os.getpid()} on node {node_id()[:8]} is importing anomalib (its first run)"}
-    from harness.run import FeatureCache, run_one, unstarted_record
+    from harness.run import FeatureCache, planned_run_id, run_one, unstarted_record
 
     cache: FeatureCache = {}  # this task's features: one category's, freed when it ends
     specs = [RunSpec.model_validate_json(s) for s in spec_jsons]
@@ -79,6 +94,9 @@ def execute(spec_jsons: list[str], env: dict[str, str]) -> Iterator[dict[str, An
         }
     for index, spec in enumerate(specs):
         try:
+            if planned_run_id(spec) in done:
+                yield {"index": index, "skipped": True}
+                continue
             record = run_one(spec, cache=cache)
         except Exception as exc:  # could not start here (data missing on this node) or broke outside the run
             record = unstarted_record(spec, error_text(exc))
