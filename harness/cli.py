@@ -206,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: reports/<sweep>.md, or reports/<results dir>.md for several sweeps)",
     )
 
+    export = _add(
+        sub,
+        "export",
+        "the records as a table, one row per run (every field, dotted columns): Parquet or CSV",
+        "harness export results --out runs.parquet\n  harness export results --sweep smoke --out smoke.csv\n"
+        "  harness export results --scores --out scores.parquet   (per-image scores, long form)",
+    )
+    export.add_argument("results", type=Path, help="results directory (RESULTS/<sweep>/runs/*.json)")
+    _add_sweep(export)
+    export.add_argument("--out", type=Path, required=True, help="a .parquet or .csv file (columns: docs/analysis.md)")
+    export.add_argument(
+        "--scores", action="store_true", help="per-image scores (run_id, image_path, label, score) instead of runs"
+    )
+
     demo = _add(
         sub,
         "demo",
@@ -373,6 +387,17 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from harness.analysis import export, export_format, load_runs, load_scores
+
+    export_format(ns.out)  # a wrong suffix fails before the store is read
+    sweeps = None if ns.sweep == "*" else [ns.sweep]
+    frame = (load_scores if ns.scores else load_runs)(ns.results, sweeps)
+    export(frame, ns.out)
+    print(f"wrote {ns.out} ({len(frame)} rows, {len(frame.columns)} columns)")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from harness.demo import demo
 
@@ -385,6 +410,7 @@ COMMANDS = {
     "sweep": cmd_sweep,
     "check": cmd_check,
     "report": cmd_report,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
 

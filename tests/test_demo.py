@@ -18,6 +18,7 @@ import pytest
 from harness.cli import build_parser
 from harness.demo import spec_paths
 from harness.spec import load_spec
+from tests.test_analysis import run_notebook
 from tests.wandbkit import offline_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,9 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) -> None:
+def test_the_readme_demo_runs_the_whole_pipeline(
+    tmp_path: Path, ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """From an empty directory, as a newcomer: data, the studies on Ray, check, report, W&B."""
     args = demo_args()
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the specs' own mode, as on a fresh machine
@@ -185,6 +188,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(tmp_path: Path, ray_tmp: Path) 
         assert re.search(rf"^{g['category']} +{re.escape(g['label'])} +3 ", stdout, re.M)
     assert "experiments/patchcore_seeds.yaml --set data.root=datasets/MVTecAD" in stdout
     assert "ray job submit" in stdout
+
+    # the analysis notebook, headless, on this store (it checks its table against the checker)
+    run_notebook(results, monkeypatch)
 
     # again: it resumes, running, storing and logging nothing new
     files = {p: p.stat().st_mtime_ns for p in results.glob("*/runs/*.json")}

@@ -271,7 +271,7 @@ def test_every_harness_and_make_command_in_the_docs_is_real(tmp_path: Path) -> N
             assert (REPO / cmd.argv[1]).is_file(), f"{cmd}: no script {cmd.argv[1]}"
     assert harness >= 30, harness
     assert make >= 7, make
-    assert subcommands == {"synth", "run", "sweep", "check", "report", "demo"}  # every command is shown
+    assert subcommands == {"synth", "run", "sweep", "check", "report", "export", "demo"}  # every command is shown
 
 
 def test_the_minimal_spec_is_a_patchcore_seed_study_that_loads(tmp_path: Path) -> None:

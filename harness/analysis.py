@@ -1,0 +1,236 @@
+"""Results as pandas DataFrames: the records, their per-image scores, and the checker's answer.
+
+For notebooks and scripts (docs/analysis.md). A run's row holds every field of its record,
+nested blocks flattened to dotted column names (``params.model_args.backbone``,
+``metrics.image_AUROC``, ``environment.torch_build.cpu_capability``); the per-image arrays
+(paths, labels, scores) are the long-form ``load_scores`` instead. The checker's frames come
+from the same computation ``harness check`` prints (``check_frames``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from harness.errors import HarnessError
+from harness.fsutil import atomic_write_bytes
+from harness.record import RunRecord, decode_record
+from harness.store import ResultsStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from harness.check.groups import CheckReport
+
+# The per-image arrays: in ``load_scores``, not in a run's row.
+ARRAYS = ("predictions.image_paths", "predictions.labels", "predictions.image_scores")
+# Columns every runs frame has, in this order, whatever its records hold.
+IDENTITY = ("run_id", "sweep", "study", "model", "category", "seed", "repeat", "role", "status", "error")
+# Fixed dtypes: counts and ids as they are; measurements as floats (NaN where a run has none).
+INT_COLUMNS = ("seed", "repeat")
+FLOAT_PREFIXES = ("metrics.", "timing.")
+NULLABLE_INT_PREFIXES = ("memory.",)
+
+
+def records(
+    results: Path | str,
+    sweeps: Iterable[str] | None = None,
+    roles: Iterable[str] | None = None,
+    statuses: Iterable[str] | None = None,
+) -> Iterator[RunRecord]:
+    """The records under ``results`` (of these sweeps, roles and statuses: None for all), in
+    path order; a file that is not a record is skipped (``harness check`` lists those)."""
+    root = Path(results)
+    if not root.is_dir():
+        raise HarnessError(f"results directory {root} does not exist")
+    store = ResultsStore(root)
+    names = sorted(set(sweeps)) if sweeps is not None else ["*"]
+    missing = [n for n in names if n != "*" and n not in store.sweeps()]
+    if missing:
+        raise HarnessError(f"no sweep {missing[0]!r} in {root} (sweeps there: {', '.join(store.sweeps()) or 'none'})")
+    keep_roles = set(roles) if roles is not None else None
+    keep_statuses = set(statuses) if statuses is not None else None
+    for name in names:
+        for rel in store.relpaths(name):
+            try:
+                record = decode_record((root / rel).read_bytes())
+            except (OSError, ValueError):
+                continue
+            if (keep_roles is None or record.role in keep_roles) and (
+                keep_statuses is None or record.status in keep_statuses
+            ):
+                yield record
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def run_row(record: RunRecord) -> dict[str, Any]:
+    """A record as one row: every field but the per-image arrays, dotted."""
+    row = flatten(msgspec.to_builtins(record))
+    for key in ARRAYS:
+        row.pop(key, None)
+    return row
+
+
+def load_runs(
+    results: Path | str,
+    sweeps: Iterable[str] | None = None,
+    roles: Iterable[str] | None = None,
+    statuses: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """One row per run record (failed runs and HPO trials included unless filtered out).
+
+    ``roles``: ``run`` (a study's runs), ``trial`` (an HPO trial, scored on validation),
+    ``best`` (a search's best configuration on the test split). ``statuses``: ``ok``, ``failed``.
+    """
+    import pandas as pd
+
+    rows = [run_row(r) for r in records(results, sweeps, roles, statuses)]
+    frame = pd.DataFrame(rows)
+    for column in IDENTITY:
+        if column not in frame:
+            frame[column] = pd.Series(dtype="int64" if column in INT_COLUMNS else "object")
+    rest = sorted(c for c in frame.columns if c not in IDENTITY)
+    frame = frame[[*IDENTITY, *rest]]
+    for column in frame.columns:
+        if column in INT_COLUMNS:
+            frame[column] = frame[column].astype("int64")
+        elif column.startswith(FLOAT_PREFIXES):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+        elif column.startswith(NULLABLE_INT_PREFIXES):
+            frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def load_scores(
+    results: Path | str,
+    sweeps: Iterable[str] | None = None,
+    roles: Iterable[str] | None = None,
+    statuses: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Per-image scores in long form: ``run_id``, ``image_path``, ``label``, ``score`` (raw model
+    scores, in each record's image order); runs without predictions have no rows."""
+    import numpy as np
+    import pandas as pd
+
+    parts: dict[str, list[Any]] = {"run_id": [], "image_path": [], "label": [], "score": []}
+    for record in records(results, sweeps, roles, statuses):
+        p = record.predictions
+        if p is None:
+            continue
+        parts["run_id"] += [record.run_id] * len(p.image_paths)
+        parts["image_path"] += p.image_paths
+        parts["label"] += p.labels
+        parts["score"] += p.image_scores
+    return pd.DataFrame(
+        {
+            "run_id": pd.Series(parts["run_id"], dtype="object"),
+            "image_path": pd.Series(parts["image_path"], dtype="object"),
+            "label": np.asarray(parts["label"], dtype="int8"),
+            "score": np.asarray(parts["score"], dtype="float64"),
+        }
+    )
+
+
+def check_frames(report: CheckReport) -> dict[str, pd.DataFrame]:
+    """The checker's answer (``harness check --json``, docs/check-json.md) as DataFrames:
+
+    - ``seed_stats``: per group and metric, the statistics over seeds and the group's
+      determinism verdict;
+    - ``determinism``: every same-seed, same-environment pair that is not bitwise;
+    - ``cross_environment``: per group and pair of environments, how far the scores moved;
+    - ``comparisons``: P(A better than B) per category and metric;
+    - ``searches``: one row per HPO search and selected configuration.
+    """
+
+    doc = report.to_json()
+    who = ("id", "label", "sweep", "model", "category", "role", "config_id")
+    group_columns = ["group_id", "group_label", *who[2:]]
+    stats, pairs, cross = [], [], []
+    for g in doc["groups"]:
+        group = {f"group_{k}" if k in ("id", "label") else k: g[k] for k in who}
+        verdict = g["determinism"]["verdict"]
+        for metric, stat in sorted(g["metrics"].items()):
+            stats.append({**group, "n_runs": g["n_runs"], "metric": metric, **stat, "determinism": verdict})
+        pairs += [{**group, **flatten(p)} for p in g["determinism"]["differing"]]
+        cross += [{**group, **flatten(c)} for c in g["cross_environment"]]
+    searches = [
+        {**{k: v for k, v in s.items() if k != "selections"}, **flatten(sel, "selection.")}
+        for s in doc["searches"]
+        for sel in s.get("selections") or [{}]
+    ]
+    return {
+        "seed_stats": _frame(stats, [*group_columns, "n_runs", "metric", *STAT_KEYS, "determinism"]),
+        "determinism": _frame(pairs, [*group_columns, *PAIR_KEYS]),
+        "cross_environment": _frame(cross, [*group_columns, *CROSS_KEYS]),
+        "comparisons": _frame(doc["comparisons"], list(COMPARISON_KEYS)),
+        "searches": _frame(searches, list(SEARCH_KEYS)),
+    }
+
+
+# The leading columns of the checker's frames (docs/analysis.md), there even when a frame has
+# no rows; nested values follow them as dotted columns.
+STAT_KEYS = ("n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv")
+PAIR_KEYS = ("seed", "environment_a", "environment_b", "run_a", "run_b", "repeat_a", "repeat_b", "verdict")
+CROSS_KEYS = ("environment_a", "environment_b", "variant_a", "variant_b", "same_machine", "seeds", "verdict")
+COMPARISON_KEYS = ("category", "metric", "a", "b", "environment", "n_a", "n_b", "p_a_better", "ci_low", "ci_high")
+SEARCH_KEYS = ("sweep", "model", "category", "environment", "variant", "n_trials", "n_ok", "n_failed")
+
+
+def _frame(rows: list[dict[str, Any]], leading: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    rest = [c for c in frame.columns if c not in leading]
+    return frame.reindex(columns=[*leading, *rest])
+
+
+def export_format(out: Path) -> str:
+    """``parquet`` or ``csv``, by the file's suffix; anything else is an error."""
+    if out.suffix not in (".parquet", ".csv"):
+        raise HarnessError(f"--out {out}: name a .parquet or .csv file")
+    return out.suffix[1:]
+
+
+def export(frame: pd.DataFrame, out: Path) -> None:
+    """Write ``frame`` to ``out`` (``.parquet`` through pyarrow, or ``.csv``), atomically.
+
+    Cells that hold lists or mappings (a layer list, a validation curve) are written as JSON
+    text, in both formats, and a column whose records hold values of several types as text:
+    one column type per column, whatever the records hold.
+    """
+    kind = export_format(out)
+    flat = frame.copy()
+    for column in flat.columns:
+        if flat[column].dtype == object:
+            flat[column] = _one_type(flat[column])
+    buffer = io.BytesIO()
+    if kind == "parquet":
+        flat.to_parquet(buffer, engine="pyarrow", index=False)
+    else:
+        flat.to_csv(buffer, index=False)
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+def _one_type(column: pd.Series) -> pd.Series:
+    def nested(v: Any) -> bool:
+        return isinstance(v, list | dict)
+
+    out = column.map(lambda v: json.dumps(v) if nested(v) else v)
+    kinds = {type(v) for v in out if v is not None}
+    return out.map(lambda v: None if v is None else str(v)) if len(kinds) > 1 else out
