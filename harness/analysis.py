@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from harness.errors import HarnessError
+from harness.formatting import flatten
 from harness.fsutil import atomic_write_bytes
-from harness.record import RunRecord, decode_record
+from harness.record import RunRecord
 from harness.store import ResultsStore
 
 if TYPE_CHECKING:
@@ -45,43 +46,23 @@ def records(
 ) -> Iterator[RunRecord]:
     """The records under ``results`` (of these sweeps, roles and statuses: None for all), in
     path order; a file that is not a record is skipped (``harness check`` lists those)."""
-    root = Path(results)
-    if not root.is_dir():
-        raise HarnessError(f"results directory {root} does not exist")
-    store = ResultsStore(root)
+    store = ResultsStore(Path(results))
     names = sorted(set(sweeps)) if sweeps is not None else ["*"]
-    missing = [n for n in names if n != "*" and n not in store.sweeps()]
-    if missing:
-        raise HarnessError(f"no sweep {missing[0]!r} in {root} (sweeps there: {', '.join(store.sweeps()) or 'none'})")
+    for name in names:
+        store.require(name)
     keep_roles = set(roles) if roles is not None else None
     keep_statuses = set(statuses) if statuses is not None else None
     for name in names:
-        for rel in store.relpaths(name):
-            try:
-                record = decode_record((root / rel).read_bytes())
-            except (OSError, ValueError):
-                continue
+        for record in store.records(name).values():
             if (keep_roles is None or record.role in keep_roles) and (
                 keep_statuses is None or record.status in keep_statuses
             ):
                 yield record
 
 
-def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out |= flatten(value, f"{name}.")
-        else:
-            out[name] = value
-    return out
-
-
 def run_row(record: RunRecord) -> dict[str, Any]:
     """A record as one row: every field but the per-image arrays, dotted."""
-    row = flatten(msgspec.to_builtins(record))
+    row = flatten(msgspec.to_builtins(record), keep_empty=True)
     for key in ARRAYS:
         row.pop(key, None)
     return row
@@ -167,10 +148,10 @@ def check_frames(report: CheckReport) -> dict[str, pd.DataFrame]:
         verdict = g["determinism"]["verdict"]
         for metric, stat in sorted(g["metrics"].items()):
             stats.append({**group, "n_runs": g["n_runs"], "metric": metric, **stat, "determinism": verdict})
-        pairs += [{**group, **flatten(p)} for p in g["determinism"]["differing"]]
-        cross += [{**group, **flatten(c)} for c in g["cross_environment"]]
+        pairs += [{**group, **flatten(p, keep_empty=True)} for p in g["determinism"]["differing"]]
+        cross += [{**group, **flatten(c, keep_empty=True)} for c in g["cross_environment"]]
     searches = [
-        {**{k: v for k, v in s.items() if k != "selections"}, **flatten(sel, "selection.")}
+        {**{k: v for k, v in s.items() if k != "selections"}, **flatten(sel, "selection.", keep_empty=True)}
         for s in doc["searches"]
         for sel in s.get("selections") or [{}]
     ]
@@ -228,9 +209,6 @@ def export(frame: pd.DataFrame, out: Path) -> None:
 
 
 def _one_type(column: pd.Series) -> pd.Series:
-    def nested(v: Any) -> bool:
-        return isinstance(v, list | dict)
-
-    out = column.map(lambda v: json.dumps(v) if nested(v) else v)
+    out = column.map(lambda v: json.dumps(v) if isinstance(v, list | dict) else v)
     kinds = {type(v) for v in out if v is not None}
     return out.map(lambda v: None if v is None else str(v)) if len(kinds) > 1 else out

@@ -131,12 +131,13 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level of dotted keys, the way ``--set`` names them."""
+def flatten(d: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys, the way ``--set`` names them; lists stay
+    values. ``keep_empty``: an empty dict stays a value (a table's column), not nothing."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and (v or not keep_empty):
+            out.update(flatten(v, f"{prefix}{k}.", keep_empty))
         else:
             out[f"{prefix}{k}"] = v
     return out

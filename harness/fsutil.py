@@ -57,11 +57,16 @@ def os_error_line(exc: OSError, path: Path | str | None = None) -> str:
 
 
 def _file_in_the_way(path: Path) -> Path | None:
-    """The nearest of ``path`` and its parents that exists and is not a directory."""
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
+    """The nearest of ``path`` and its parents that exists, if it is not a directory."""
+    existing = _nearest_existing(path)
+    return None if existing.is_dir() or not existing.exists() else existing
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest of its parents that exists (the root if none does)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -130,8 +135,6 @@ def staged_dir(final: Path, marker: str) -> Iterator[Path]:
 
 def check_writable(path: Path, what: str) -> None:
     """Fail before the work, not after it, when its output could not be written at ``path``."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(path)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise HarnessError(f"{what} {path} cannot be written ({existing} is not a writable directory)")

@@ -572,20 +572,12 @@ WORKDIR_PREFIX = "harness-run-"  # + the pid of the process whose run's work fol
 def remove_dead_workdirs() -> None:
     """Remove the work folders of runs whose process was killed (a lost Ray worker leaves its
     run's synthetic anomalies and Lightning files behind); a live process's folder stays."""
+    import psutil
+
     for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
 
 
 def unstarted_record(spec: RunSpec, error: str) -> RunRecord:

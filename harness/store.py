@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.fsutil import atomic_write_bytes, check_writable
 from harness.record import RunRecord, decode_record, encode_record
 
@@ -60,6 +61,16 @@ class ResultsStore:
         except (OSError, ValueError):
             return None  # missing or damaged: the run is redone and the file replaced whole
         return record if record.run_id == path.stem else None
+
+    def require(self, sweep: str = "*") -> None:
+        """Fail in one line, before reading, where there is nothing to read: a file in the
+        store's place, no directory, or no such sweep (the sweeps there are listed)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise HarnessError(f"{self.root} is a file, not a results directory (RESULTS/<sweep>/runs/<run_id>.json)")
+        if not self.root.is_dir():
+            raise HarnessError(f"results directory {self.root} does not exist")
+        if sweep != "*" and sweep not in (sweeps := self.sweeps()):
+            raise HarnessError(f"no sweep {sweep!r} in {self.root} (sweeps there: {', '.join(sweeps) or 'none'})")
 
     def sweeps(self) -> list[str]:
         """The names of the sweeps stored here (directories with a ``runs`` folder), sorted."""

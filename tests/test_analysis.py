@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from harness.analysis import check_frames, flatten, load_runs, load_scores
+from harness.analysis import check_frames, load_runs, load_scores
 from harness.check.groups import check
+from harness.formatting import flatten
 from tests.recordkit import VALIDATION, make_record, write_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def test_every_field_of_a_record_is_in_its_row(tmp_path: Path) -> None:
     rows = frame.set_index("run_id", drop=False)
     for rec in recs:
         row = rows.loc[rec["run_id"]]
-        fields = flatten(rec)
+        fields = flatten(rec, keep_empty=True)
         arrays = {
             k for k in fields if k in ("predictions.image_paths", "predictions.labels", "predictions.image_scores")
         }

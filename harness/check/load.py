@@ -299,13 +299,8 @@ def read_bytes(path: str) -> bytes:
 def load_store(root: Path, sweep: str = "*") -> Store:
     """Read every record under ``root`` (of one sweep, or all; in worker processes for large
     stores), sorted by path."""
-    if root.exists() and not root.is_dir():
-        raise HarnessError(f"{root} is a file, not a results directory (RESULTS/<sweep>/runs/<run_id>.json)")
-    if not root.is_dir():
-        raise HarnessError(f"results directory {root} does not exist")
     files = ResultsStore(root)
-    if sweep != "*" and sweep not in (sweeps := files.sweeps()):
-        raise HarnessError(f"no sweep {sweep!r} in {root} (sweeps there: {', '.join(sweeps) or 'none'})")
+    files.require(sweep)
     rels = files.relpaths(sweep)
     if not rels:
         where = f"{root}/{sweep}/runs/<run_id>.json" if sweep != "*" else f"{root}/<sweep>/runs/<run_id>.json"

@@ -55,10 +55,11 @@ def preflight(spec: ExperimentSpec, address: str | None) -> None:
 
 def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> SweepResult:
     """Run a whole study; records land in ``results/<name>/runs/``."""
-    ray_defaults(joins(address))  # before preflight, which may import Ray Tune
+    joined = joins(address)
+    ray_defaults(joined)  # before preflight, which may import Ray Tune
     store = ResultsStore(results)
     store.check_writable()
-    preflight(spec, joins(address))
+    preflight(spec, joined)
     tally = SweepResult(0, [], 0, [])
 
     def run(runs: list[RunSpec]) -> None:

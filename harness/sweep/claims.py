@@ -39,14 +39,15 @@ def _boot_id() -> str:
     return ""
 
 
-def _started(pid: int) -> str | None:
-    """When ``pid`` started (clock ticks since boot), or None if no such process: a reused pid
-    does not pass for the process that claimed."""
+def _started(pid: int) -> float | None:
+    """When ``pid`` started, or None if no such process: a reused pid does not pass for the
+    process that claimed."""
+    import psutil
+
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
         return None
-    return stat.rpartition(")")[2].split()[19]
 
 
 def _me() -> dict[str, Any]:
@@ -62,6 +63,7 @@ class Claims:
     lease_s: float = LEASE_S
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     held: set[str] = field(default_factory=set)
+    me: dict[str, Any] = field(default_factory=_me)  # who this sweep is, in its claims
     _renewed: float = field(default_factory=time.monotonic)
 
     def _path(self, key: str) -> Path:
@@ -74,7 +76,7 @@ class Claims:
             return True
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{key}.{self.token}.tmp"
-        tmp.write_text(json.dumps({**_me(), "token": self.token, "run": run.key()}))
+        tmp.write_text(json.dumps({**self.me, "token": self.token, "run": run.key()}))
         try:
             for _ in range(2):  # the second try after a stale claim was moved aside
                 try:
@@ -91,8 +93,9 @@ class Claims:
 
     def holder(self, run: RunSpec) -> str | None:
         """Who holds a live claim on ``run`` (None: nobody, or only a stale claim)."""
-        doc = self._read(self._path(claim_key(run)))
-        if doc is None or self._stale(self._path(claim_key(run)), doc):
+        path = self._path(claim_key(run))
+        doc = self._read(path)
+        if doc is None or self._stale(path, doc):
             return None
         return f"pid {doc.get('pid')} on {doc.get('host')}"
 
@@ -130,8 +133,7 @@ class Claims:
         return doc if isinstance(doc, dict) else None
 
     def _stale(self, path: Path, doc: dict[str, Any]) -> bool:
-        me = _me()
-        if doc.get("host") == me["host"] and doc.get("boot_id") == me["boot_id"]:
+        if doc.get("host") == self.me["host"] and doc.get("boot_id") == self.me["boot_id"]:
             pid = doc.get("pid")
             return not isinstance(pid, int) or _started(pid) != doc.get("started")
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ POLL_S = 2.0  # how often the driver looks at the cluster's nodes and at runs an
 
 
 def stored_ok(store: ResultsStore, sweep: str, role: Role, progress: Progress) -> dict[str, RunRecord]:
-    """The sweep's finished runs of one role, by run id: what is not run again.
+    """The sweep's finished runs of one role, by run id: what is not run again."""
+    return verified_ok(store.records(sweep).values(), role, progress)
 
-    A record whose hash or metrics are not its scores' is corrupt: its run goes again (said).
-    """
-    records = [r for r in store.records(sweep).values() if r.ok and r.role == role]
+
+def verified_ok(found: Iterable[RunRecord | None], role: Role, progress: Progress) -> dict[str, RunRecord]:
+    """The ``ok`` records of one role, by run id. A record whose hash or metrics are not its
+    scores' is corrupt: its run goes again (said)."""
+    records = [r for r in found if r is not None and r.ok and r.role == role]
     corrupt = verify(records)
     for i, why in sorted(corrupt.items()):
         progress.event(f"stored record of {run_name(records[i])} is corrupt ({why}): it runs again")
@@ -125,7 +129,7 @@ class _Grid:
     progress: Progress
     role: Role
     claims: Claims
-    environments: dict[str | None, str | None] = field(default_factory=dict)  # see environments_of
+    environments: dict[str | None, str | None]  # see environments_of
     stored: dict[str, RunRecord] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)  # record files read so far
     pending: list[tuple[list[RunSpec], int]] = field(default_factory=list)  # groups to send, attempt
@@ -169,10 +173,7 @@ class _Grid:
         """Verified ``ok`` records of this role stored since the last read (by another sweep)."""
         names = [n for n in self.store.relpaths(self.spec.name) if n not in self.seen]
         self.seen.update(names)
-        records = [self.store.get(self.spec.name, Path(n).stem) for n in names]
-        ok = [r for r in records if r is not None and r.ok and r.role == self.role]
-        corrupt = verify(ok)
-        return {r.run_id: r for i, r in enumerate(ok) if i not in corrupt}
+        return verified_ok((self.store.get(self.spec.name, Path(n).stem) for n in names), self.role, self.progress)
 
     def lost_nodes(self, dead: set[str]) -> None:
         """Tasks on a node Ray declared dead go again now, not when Ray's own connection to
@@ -226,8 +227,8 @@ def run_grid(runs: list[RunSpec], spec: ExperimentSpec, store: ResultsStore, pro
 
     if not runs:
         return
-    grid = _Grid(spec, store, progress, runs[0].role, Claims(store.root / spec.name / "claims"))
-    grid.environments = environments_of(runs, spec)
+    claims = Claims(store.root / spec.name / "claims")
+    grid = _Grid(spec, store, progress, runs[0].role, claims, environments_of(runs, spec))
     remote = ray.remote(execute)
     options = {"num_returns": "streaming", "max_retries": 0, "scheduling_strategy": "SPREAD", **task_options(spec)}
     env = worker_env()
