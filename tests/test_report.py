@@ -13,7 +13,9 @@ from PIL import Image
 
 from harness.check import check
 from harness.cli import execute_run, main
-from harness.report import MVTEC_TEST_IMAGES, write_report
+from harness.report import CACHE_FILES, MVTEC_TEST_IMAGES, write_report
+from harness.report.plots import Plot, draw, draw_all
+from harness.report.sections import StabilityReport
 from tests.recordkit import GPU_ENV, VALIDATION, make_record, write_records
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
@@ -242,3 +244,95 @@ def test_the_reproduce_loop_quotes_category_names(tmp_path: Path) -> None:
     loop = next(line for line in block.splitlines() if line.startswith("for c in"))
     assert loop.startswith("for c in disc 'my part $1'; do")
     assert '--category "$c"' in block
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Plot]:
+    """The plots ``write_report`` draws, drawn in this process (so each is seen) as it would."""
+    seen: list[Plot] = []
+
+    def draw_here(plots: list[Plot], workers: int | None = None) -> list[bytes]:
+        seen.extend(plots)
+        return draw_all(plots, workers=1)
+
+    monkeypatch.setattr("harness.report.draw_all", draw_here)
+    return seen
+
+
+def report_pngs(root: Path, out: Path, cache: Path | None = None) -> dict[str, bytes]:
+    _, plots = write_report(check(root), out, "harness report results", cache)
+    return {p.name: p.read_bytes() for p in plots}
+
+
+def test_a_second_report_with_the_cache_draws_nothing(tmp_path: Path, drawn: list[Plot]) -> None:
+    root, cache = fixed_store(tmp_path / "results"), tmp_path / "cache"
+    uncached = report_pngs(root, tmp_path / "a" / "r.md")
+    drawn.clear()
+    assert report_pngs(root, tmp_path / "b" / "r.md", cache) == uncached
+    assert len(drawn) == 4
+    assert sorted(len(p.stem) for p in cache.iterdir()) == [32] * 4  # a 16-byte hash each
+    drawn.clear()
+    assert report_pngs(root, tmp_path / "c" / "r.md", cache) == uncached
+    assert drawn == []
+    assert (tmp_path / "b" / "r.md").read_bytes() == (tmp_path / "c" / "r.md").read_bytes()
+
+
+def test_a_changed_value_draws_only_its_figure_again(tmp_path: Path, drawn: list[Plot]) -> None:
+    root, cache = fixed_store(tmp_path / "results"), tmp_path / "cache"
+    before = report_pngs(root, tmp_path / "r.md", cache)
+    changed = [
+        make_record(sweep="seeds", category="weave", seed=3, repeat=r, metrics={"image_AUROC": 0.8}) for r in (0, 1)
+    ]
+    write_records(root, changed)  # the same runs (0.85 before), so the same files
+    drawn.clear()
+    after = report_pngs(root, tmp_path / "r.md", cache)
+    assert [type(p).__name__ for p in drawn] == ["SeedsFigure"]
+    assert {n for n in after if after[n] != before[n]} == {"seeds-image_AUROC.png"}
+    assert len(list(cache.iterdir())) == 5
+    assert after == report_pngs(root, tmp_path / "uncached.md")
+
+
+def test_a_corrupt_cached_figure_is_drawn_again(tmp_path: Path, drawn: list[Plot]) -> None:
+    root, cache = fixed_store(tmp_path / "results"), tmp_path / "cache"
+    before = report_pngs(root, tmp_path / "r.md", cache)
+    garbage, cut = sorted(cache.iterdir())[:2]
+    garbage.write_bytes(b"not a png")
+    cut.write_bytes(cut.read_bytes()[:100])  # a PNG's start, cut short
+    drawn.clear()
+    assert report_pngs(root, tmp_path / "r.md", cache) == before
+    assert len(drawn) == 2
+    assert {garbage.read_bytes(), cut.read_bytes()} <= set(before.values())
+
+
+def test_figures_drawn_in_worker_processes_are_the_same_bytes(tmp_path: Path) -> None:
+    plots = list(StabilityReport(check(fixed_store(tmp_path / "results")), "x", "r").plots().values())
+    assert draw_all(plots, workers=2) == [draw(p) for p in plots]
+
+
+@pytest.mark.parametrize("blocked", ["read-only", "a file in the way"])
+def test_a_cache_that_cannot_be_written_leaves_the_report_as_it_is(tmp_path: Path, blocked: str) -> None:
+    root = fixed_store(tmp_path / "results")
+    uncached = report_pngs(root, tmp_path / "a" / "r.md")
+    if blocked == "read-only":  # (root may still write there: the case below fails for it too)
+        cache = tmp_path / "cache"
+        cache.mkdir(mode=0o555)
+    else:
+        (tmp_path / "file").write_text("")
+        cache = tmp_path / "file" / "plots"
+    assert report_pngs(root, tmp_path / "b" / "r.md", cache) == uncached
+    assert (tmp_path / "b" / "r.md").read_bytes() == (tmp_path / "a" / "r.md").read_bytes()
+
+
+def test_the_cache_forgets_the_figures_used_longest_ago(tmp_path: Path) -> None:
+    root, cache = fixed_store(tmp_path / "results"), tmp_path / "cache"
+    report_pngs(root, tmp_path / "r.md", cache)
+    ours = sorted(cache.iterdir())
+    for p in ours:
+        os.utime(p, (0, 0))  # older than any other: kept because this report uses them, and touched
+    others = [cache / f"{i:032x}.png" for i in range(CACHE_FILES)]
+    for i, p in enumerate(others):
+        p.write_bytes(PNG)
+        os.utime(p, (1000 + i, 1000 + i))
+    report_pngs(root, tmp_path / "r.md", cache)
+    assert sorted(cache.iterdir()) == sorted([*ours, *others[len(ours) :]])
+    assert all(p.stat().st_mtime > 1000 + CACHE_FILES for p in ours)

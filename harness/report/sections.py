@@ -13,7 +13,7 @@ from harness.check.pairs import env_label
 from harness.check.stats import CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
 from harness.check.summary import determinism_cell, failed_lines, held_tables, scores_cell, trial_counts
 from harness.formatting import GIB, flatten, fmt_ints, fmt_value, md_table, stat_cells
-from harness.report.plots import PLOTTED, score_diff_plot, search_plot, seed_plot
+from harness.report.plots import PLOTTED, Plot, score_diff_figure, search_figure, seeds_figure
 from harness.report.references import MVTEC_TEST_IMAGES, REFERENCES, Reference
 from harness.report.reproduce import reproduce_commands
 
@@ -47,7 +47,7 @@ def _mean_of(groups: list[Group], metric: str) -> Stat | None:
 
 @dataclass
 class StabilityReport:
-    """The report's content; ``render`` gives the markdown, ``plots`` the PNG bytes by name."""
+    """The report's content; ``render`` gives the markdown, ``plots`` the figures' data by name."""
 
     check: CheckReport
     command: str
@@ -338,21 +338,22 @@ class StabilityReport:
             lines += [f"- `{p}`: {e}" for p, e in self.check.store.corrupt]
         return "\n".join(lines) + "\n"
 
-    def plots(self) -> dict[str, bytes]:
+    def plots(self) -> dict[str, Plot]:
+        """Each figure's data by name: all its drawing needs (``harness.report.plots.draw``)."""
         by_label = self.by_label()
-        out = {}
+        out: dict[str, Plot] = {}
         for metric in PLOTTED:
             if any(metric in g.stats for gs in by_label.values() for g in gs):
-                out[f"seeds-{metric}"] = seed_plot(by_label, metric)
+                out[f"seeds-{metric}"] = seeds_figure(by_label, metric)
         by_sweep: dict[tuple[str, str], list[Search]] = defaultdict(list)
         for s in self.check.searches:
             if any(t.curve for t in s.trials):
                 by_sweep[(s.sweep, s.model)].append(s)
         for (sweep, model), searches in sorted(by_sweep.items()):
-            out[f"search-{sweep}-{model}"] = search_plot(searches)
-        crosses = [c for g in self.check.groups for c in g.cross_environment]
-        if crosses:
-            out["environments-score-diff"] = score_diff_plot(crosses)
+            out[f"search-{sweep}-{model}"] = search_figure(searches)
+        diffs = score_diff_figure([c for g in self.check.groups for c in g.cross_environment])
+        if diffs.panels:
+            out["environments-score-diff"] = diffs
         return out
 
 
