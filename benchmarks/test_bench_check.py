@@ -1,27 +1,32 @@
-"""`harness check` and `harness report` over a store of 99,000 records: time and peak memory.
+"""`harness check`, `harness report` and `load_runs` over stores of 99,000 records: time and
+peak memory, cold (no index) and warm (index and memo written, no record changed).
 
-Run with `make bench`. Target (issue 4): under 5 s and under 1 GiB each. The store is what a
-year of a lab's MVTec work could look like, with records of real size (MVTec's test split per
-category, so 42-167 scores and paths a record):
+Run with `make bench`. Targets (issue 18): warm, `check --json` at most 3 s, `report` at most
+10 s, the DataFrame at most 2 s; cold `check` no slower than before; at most 1 GiB each. Two
+stores of records of real size (MVTec's test split per category, so 42-167 scores and paths a
+record):
 
-- 10 PatchCore seed sweeps (each its own config) and 10 GANomaly searches, on all 15 categories;
-- every test configuration on 3 environments x 30 seeds x 2 repeats: on the CPU repeats are
-  bitwise, on one GPU they differ in the last bits (re-read for the score difference), and
-  environments differ by a little (so every cross-environment pair is re-read too);
-- 300 trials per search and category, with 10-epoch validation curves.
+- ``year``, what a year of a lab's MVTec work could look like: 10 PatchCore seed sweeps (each
+  its own config) and 10 GANomaly searches on all 15 categories; every test configuration in 3
+  environments x 30 seeds x 2 repeats (bitwise on the CPU, last-bit differences on one GPU, and
+  a little apart across environments, so 36,000 pairs have their scores compared); 300 trials
+  per search and category, with 10-epoch validation curves;
+- ``large-groups``: few large groups, many compared: 8 PatchCore configurations x 15
+  categories x 412 seeds x 2 repeats, every pair of configurations compared in each category.
 
 Each command runs as a user runs it, a fresh process; its peak memory is the largest process
-tree RSS sampled every 20 ms (the parser's worker processes included).
+tree RSS sampled every 20 ms (the parser's and the plots' worker processes included).
 
 Before and after a change, in one run on one store: point ``HARNESS_BENCH_BASELINE`` at another
 checkout of the harness (``git worktree add /tmp/before main``) and the same commands run from
-there too, side by side.
+there too, side by side (cold: a checkout from before the index has none).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -106,14 +111,53 @@ def _put(root: Path, rec: dict[str, Any]) -> int:
     return 1
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("store")
+def _large_seed_studies(category: str) -> int:
+    """The other shape: few large groups, many sweeps compared. One category's records of
+    COMPARED_SWEEPS PatchCore configurations with LARGE_SEEDS seeds x 2 bitwise repeats each, in
+    one environment: every pair of them compared per category (28 pairs, 420 comparisons of
+    412 seeds a side over the store)."""
+    import random
+
+    n_test = MVTEC_TEST_IMAGES[category]
+    rk.LABELS[:] = [0] * (n_test // 3) + [1] * (n_test - n_test // 3)
+    rng = random.Random(category)
+    root = Path(os.environ["BENCH_STORE"])
+    written = 0
+    for s in range(COMPARED_SWEEPS):
+        params = json.loads(json.dumps(rk.PARAMS["patchcore"]))
+        params["model_args"]["sweep_index"] = s
+        params["data"]["sha256"] = category
+        shift = 0.3 + 0.02 * s  # image AUROC about 0.75-0.8: neighbours within noise, far ones apart
+        for seed in range(LARGE_SEEDS):
+            scores = [rng.random() + shift * lab for lab in rk.LABELS]
+            pixel = 0.9 + 0.05 * rng.random()
+            for repeat in range(REPEATS):
+                rec = rk.make_record(
+                    sweep=f"config-{s}", model="patchcore", category=category, seed=seed, repeat=repeat,
+                    params=params, metrics={"pixel_AUROC": pixel}, scores=scores, n_test=n_test,
+                    fit_s=1.0 + rng.random(), env=HARDWARE[0],
+                )  # fmt: skip
+                written += _put(root, rec)
+    return written
+
+
+SHAPES = {"year": (_category_records, 99_000), "large-groups": (_large_seed_studies, 98_880)}
+COMPARED_SWEEPS, LARGE_SEEDS = 8, 412
+
+
+def build_store(root: Path, shape: str) -> Path:
+    """Write a benchmark store of one shape under ``root`` (a process per category)."""
+    write, expected = SHAPES[shape]
     os.environ["BENCH_STORE"] = str(root)
     with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        total = sum(pool.map(_category_records, sorted(MVTEC_TEST_IMAGES)))
-    assert total == 99_000
+        total = sum(pool.map(write, sorted(MVTEC_TEST_IMAGES)))
+    assert total == expected
     return root
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_store(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _measure(cmd: list[str], cwd: str | None) -> tuple[float, int]:
@@ -143,11 +187,31 @@ def _measure(cmd: list[str], cwd: str | None) -> tuple[float, int]:
     return time.perf_counter() - t0, peak
 
 
-@pytest.mark.parametrize("command", ["check", "report"])
+COMMANDS = {
+    "check": ["-m", "harness", "check", "{store}", "--json"],
+    "report": ["-m", "harness", "report", "{store}", "--out", "{out}"],
+    "frame": ["-c", "import sys; from harness.analysis import load_runs; load_runs(sys.argv[1])", "{store}"],
+}
+
+
+def _forget(store: Path) -> None:
+    """Remove every index, memo and cached figure: the next command starts cold."""
+    for path in [*store.glob("*/index"), store / ".index"]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("state", ["cold", "warm"])
 @pytest.mark.parametrize("version", ["current", *(["baseline"] if BASELINE else [])])
-def test_check_and_report_100k(benchmark: Any, store: Path, tmp_path: Path, command: str, version: str) -> None:
-    extra = ["--json"] if command == "check" else ["--out", str(tmp_path / "big.md")]
-    cmd = [sys.executable, "-m", "harness", command, str(store), *extra]
+def test_commands_100k(benchmark: Any, store: Path, tmp_path: Path, command: str, state: str, version: str) -> None:
+    if version == "baseline" and (state == "warm" or command == "frame"):
+        pytest.skip("the baseline has no index to be warm, and no frame loader")
+    cmd = [sys.executable, *(a.format(store=store, out=tmp_path / "big.md") for a in COMMANDS[command])]
     cwd = BASELINE if version == "baseline" else None  # `-m` imports the package of the working directory
-    wall, peak = benchmark.pedantic(_measure, args=(cmd, cwd), rounds=2, iterations=1)
-    benchmark.extra_info.update(records=99_000, wall_s=round(wall, 2), peak_rss_gib=round(peak / 2**30, 3))
+    if state == "warm":
+        _forget(store)
+        _measure(cmd, cwd)  # writes the index, the memo and the figures
+    setup = (lambda: _forget(store)) if state == "cold" else None
+    wall, peak = benchmark.pedantic(_measure, args=(cmd, cwd), setup=setup, rounds=2, iterations=1)
+    benchmark.extra_info.update(records=len(list(store.glob("*/runs/*.json"))), wall_s=round(wall, 2))
+    benchmark.extra_info.update(peak_rss_gib=round(peak / 2**30, 3))

@@ -374,6 +374,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     from harness.check import check
+    from harness.check.memo import MEMO_DIR
     from harness.report import default_out, report_command, write_report
 
     if ns.out is not None and ns.out.suffix != ".md":
@@ -381,7 +382,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     rep = check(ns.results, sweep=ns.sweep)
     out = ns.out or default_out(rep)
     command = report_command(ns.results, ns.sweep, ns.out)
-    path, plots = write_report(rep, out, command)
+    path, plots = write_report(rep, out, command, cache=rep.store.root / MEMO_DIR / "plots")
     _say_bad_records("report", rep.store)
     print(f"wrote {path} ({len(rep.groups)} groups, {len(plots)} plots in {path.parent / path.stem})")
     return 0

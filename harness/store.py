@@ -81,25 +81,35 @@ class ResultsStore:
             return []
 
     def relpaths(self, sweep: str = "*") -> list[str]:
-        """Every record file (of one sweep, or all) as sorted ``<sweep>/runs/<run_id>.json``.
+        """Every record file (of one sweep, or all) as sorted ``<sweep>/runs/<run_id>.json``."""
+        return [rel for rel, _ in self._listing(sweep)]
+
+    def file_stats(self, sweep: str = "*") -> dict[str, os.stat_result]:
+        """Every record file (of one sweep, or all) with its ``stat``, in ``relpaths`` order; a
+        file gone between listing and ``stat`` is left out."""
+        out = {}
+        for rel, entry in self._listing(sweep):
+            try:
+                out[rel] = entry.stat()
+            except FileNotFoundError:
+                continue
+        return out
+
+    def _listing(self, sweep: str) -> list[tuple[str, os.DirEntry[str]]]:
+        """Record files as (relative path, directory entry), sorted.
 
         Temp files of unfinished writes start with a dot. ``os.scandir``, not ``glob``:
         a store of 100,000 records lists in a tenth of the time.
         """
-        try:
-            sweeps = sorted(e.name for e in os.scandir(self.root) if e.is_dir()) if sweep == "*" else [sweep]
-        except FileNotFoundError:
-            return []
-        out: list[str] = []
-        for name in sweeps:
+        out: list[tuple[str, os.DirEntry[str]]] = []
+        for name in self.sweeps() if sweep == "*" else [sweep]:
             try:
                 files = os.scandir(self.root / name / "runs")
             except (FileNotFoundError, NotADirectoryError):
                 continue
             with files:
-                out += sorted(
-                    f"{name}/runs/{e.name}" for e in files if e.name.endswith(".json") and not e.name.startswith(".")
-                )
+                found = [e for e in files if e.name.endswith(".json") and not e.name.startswith(".")]
+            out += [(f"{name}/runs/{e.name}", e) for e in sorted(found, key=lambda e: e.name)]
         return out
 
     def paths(self, sweep: str = "*") -> Iterator[Path]:

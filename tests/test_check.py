@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -495,12 +496,13 @@ def test_large_stores_are_read_in_worker_processes_with_the_same_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import harness.check as checker
-    import harness.check.load
+    import harness.check.index
 
     write_records(tmp_path, seeds_of(AUROCS) + seeds_of(AUROCS, repeat=1) + seeds_of(AUROCS, category="weave"))
     (tmp_path / "s1" / "runs" / "zzzz.json").write_text("{")
     serial = checker.check(tmp_path).to_json()
-    monkeypatch.setattr(harness.check.load, "PARALLEL_MIN_FILES", 2)
+    shutil.rmtree(tmp_path / "s1" / "index")  # every file read again, now in workers
+    monkeypatch.setattr(harness.check.index, "PARALLEL_MIN_FILES", 2)
     assert checker.check(tmp_path).to_json() == serial
     assert serial["records"]["malformed"] == 1
 

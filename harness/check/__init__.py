@@ -1,6 +1,7 @@
 """The reproducibility checker: verdicts from the results store alone.
 
-- ``load``: record files to ``Run``s (worker processes for large stores);
+- ``load``: record files to ``Run``s; ``index``: which files need reading (a per-sweep index
+  of what each file gave); ``memo``: statistics already computed, by their inputs;
 - ``stats``: seed spread with bootstrap intervals, P(A>B), and the thresholds;
 - ``pairs``: determinism and cross-environment verdicts on pairs of runs;
 - ``groups``: grouping, comparisons, searches, and ``check()`` itself;
@@ -8,7 +9,8 @@
 """
 
 from harness.check.groups import CHECK_SCHEMA, CheckReport, Comparison, Group, Search, check
-from harness.check.load import Run, Store, load_store
+from harness.check.index import load_store
+from harness.check.load import Run, Store
 from harness.check.pairs import DEFAULT_TOLERANCE
 from harness.check.stats import Stat
 from harness.check.summary import to_text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain, combinations
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from harness.check.load import COST, QUALITY, Run, Store, gc_paused, load_stores
+from harness.check.index import load_stores
+from harness.check.load import COST, QUALITY, Run, Store, gc_paused
+from harness.check.memo import Memo
 from harness.check.pairs import (
     DEFAULT_TOLERANCE,
     VERDICTS,
@@ -374,7 +377,7 @@ def _comparable(a: Group, b: Group) -> bool:
     return a.environments == b.environments
 
 
-def _comparisons(views: list[Group]) -> list[Comparison]:
+def _comparisons(views: list[Group], memo: Memo) -> list[Comparison]:
     """Pairs of views (groups, or a group in one environment) of a category that saw the same
     data, per compared metric.
 
@@ -394,8 +397,38 @@ def _comparisons(views: list[Group]) -> list[Comparison]:
             pairs = [(best, g) for g in members if g is not best]
         pairs = [(a, b) for a, b in pairs if _comparable(a, b)]
         todo += [(category, m, a, b) for a, b in pairs for m in COMPARED if m in a.stats and m in b.stats]
-    results = probability_of_improvement([(a.stats[m].values, b.stats[m].values) for _, m, a, b in todo])
+    results = remembered_improvement(memo, [(a.stats[m].values, b.stats[m].values) for _, m, a, b in todo])
     return [Comparison(c, m, a, b, *res) for (c, m, a, b), res in zip(todo, results, strict=True)]
+
+
+def remembered_means(memo: Memo, stats: Iterable[Stat]) -> None:
+    """``bootstrap_means``, computed only for values the memo has no interval for."""
+    todo = []
+    for s in stats:
+        if s.n < 2:
+            continue
+        key = memo.key(b"bca-mean", s.values.tobytes())
+        hit = memo.get(key)
+        if hit is None:
+            todo.append((key, s))
+        else:
+            s.ci_low, s.ci_high = hit
+    if todo:  # (computing imports scipy: a second a process)
+        bootstrap_means(s for _, s in todo)
+    for key, s in todo:
+        memo.put(key, [s.ci_low, s.ci_high])
+
+
+def remembered_improvement(memo: Memo, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, float, float]]:
+    """``probability_of_improvement``, computed only for pairs the memo has no answer for
+    (a pair's answer never depends on the others)."""
+    keys = [memo.key(b"p-improvement", a.tobytes(), b.tobytes()) for a, b in pairs]
+    hits = [memo.get(k) for k in keys]
+    missing = [i for i, hit in enumerate(hits) if hit is None]
+    for i, res in zip(missing, probability_of_improvement([pairs[i] for i in missing]) if missing else [], strict=True):
+        memo.put(keys[i], list(res))
+        hits[i] = list(res)
+    return [(float(h[0]), float(h[1]), float(h[2])) for h in hits]  # type: ignore[arg-type,index]
 
 
 _SearchKey = tuple[str, str, str, str | None]
@@ -444,7 +477,7 @@ def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
             g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
     # Per environment, only quality metrics get an interval: the cost columns show means.
     per_env = (st[m] for g in groups for st in g.env_stats.values() for m in QUALITY if m in st)
-    bootstrap_means(chain((s for g in groups for s in g.stats.values()), per_env))
+    remembered_means(store.memo, chain((s for g in groups for s in g.stats.values()), per_env))
     several = {g.label for g in groups if g.env_stats}  # labels shown per environment
     for g in groups:
         g.split = g.label in several
@@ -452,4 +485,6 @@ def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
         g.cross_environment = cross_environment(g.ok, std, store, tolerance)
     views = [v for g in groups for v in g.views()]
-    return CheckReport(store, tolerance, groups, _comparisons(views), _searches(store, groups))
+    report = CheckReport(store, tolerance, groups, _comparisons(views, store.memo), _searches(store, groups))
+    store.memo.save()
+    return report

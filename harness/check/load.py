@@ -1,4 +1,5 @@
-"""Reading a results store for the checker: record files to ``Run``s, in worker processes.
+"""Reading a results store for the checker: record files to ``Run``s (``index`` decides which
+files need reading, and reads them in worker processes).
 
 It reads run records and nothing else (no torch, anomalib, Ray or W&B), so a check or a
 report can be rebuilt anywhere. Each record is decoded with the one record schema
@@ -14,7 +15,6 @@ import gc
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from harness.check.memo import Memo
 from harness.check.verify import verify
-from harness.errors import HarnessError
 from harness.formatting import flatten
 from harness.hashing import stable_hash
 from harness.record import RunRecord, decode_record
-from harness.store import ResultsStore
 
 QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 COST = ("fit_s", "peak_rss_bytes", "peak_gpu_bytes")
@@ -36,7 +35,6 @@ CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
 # Ids hashed from the other fields, and the study's name for an environment: a difference in
 # them says nothing the fields do not.
 IDS = {"hardware_id", "machine_id", "environment_id", "variant"}
-PARALLEL_MIN_FILES = 2000  # below this, worker start-up costs more than it saves
 _VERIFY_BLOCK = 4096  # records decoded, then verified together, at a time (about 50 MB of them)
 
 
@@ -78,7 +76,8 @@ class Run(msgspec.Struct, frozen=True):
 
 @dataclass
 class Store:
-    """Everything read from a results directory (or several, lined up: see ``load_stores``)."""
+    """Everything read from a results directory (or several, lined up: see ``load_stores`` in
+    ``index``), and the statistics already computed from such records (``memo``)."""
 
     root: Path  # the first of ``roots``
     n_files: int
@@ -88,6 +87,7 @@ class Store:
     params: dict[str, dict[str, Any]]  # config_id -> params
     envs: dict[str, dict[str, Any]]  # env_id -> environment
     roots: list[Path] = field(default_factory=list)
+    memo: Memo = field(default_factory=Memo)
     _env_diffs: dict[tuple[str, str], dict[str, list[Any]]] = field(default_factory=dict, repr=False)
 
     def full(self, path: str) -> Path:
@@ -237,9 +237,40 @@ class _Reducer:
         )
 
 
-_Bad = list[tuple[str, str]]
-_Parsed = tuple[list[Run], _Bad, _Bad, dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
-_PARSED = msgspec.msgpack.Decoder(_Parsed)
+class FileState(msgspec.Struct, array_like=True, frozen=True):
+    """What says a record file changed without reading it: a rewrite through the store's
+    atomic rename is a new inode; an edit in place changes the size or the times (the change
+    time even when the modification time is set back: only the kernel sets it)."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileState:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Entry(msgspec.Struct, array_like=True):
+    """What reading one record file gave: its ``Run``, or why it is malformed or corrupt.
+
+    All three empty: the file's bytes hash as the entry it was read for (``parse_files``).
+    """
+
+    state: FileState
+    digest: str  # blake2b of the file's bytes
+    run: Run | None = None
+    malformed: str | None = None
+    corrupt: str | None = None
+
+    @property
+    def same(self) -> bool:
+        return self.run is None and self.malformed is None and self.corrupt is None
+
+
+Parsed = tuple[list[tuple[str, Entry]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
+_PARSED = msgspec.msgpack.Decoder(Parsed)
 
 
 @contextlib.contextmanager
@@ -258,78 +289,63 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_files(root: str, rels: Sequence[str]) -> _Parsed:
-    """Parse and verify a chunk of record files; one bad file is named and skipped, never fatal."""
-    runs: list[Run] = []
-    malformed: _Bad = []
-    corrupt: _Bad = []
+def parse_files(root: str, todo: Sequence[tuple[str, str | None]]) -> Parsed:
+    """Read, parse and verify record files; one bad file is named, never fatal.
+
+    ``todo`` pairs each file with the digest its bytes had when last read (None: never): a
+    file whose bytes still hash to it is not parsed again (its entry says ``same``).
+    """
+    entries: list[tuple[str, Entry]] = []
     reducer = _Reducer()
     with gc_paused():
-        for start in range(0, len(rels), _VERIFY_BLOCK):
-            read: list[tuple[str, RunRecord, str]] = []
-            for rel in rels[start : start + _VERIFY_BLOCK]:
+        for start in range(0, len(todo), _VERIFY_BLOCK):
+            read: list[tuple[str, Entry, RunRecord, str]] = []
+            for rel, known in todo[start : start + _VERIFY_BLOCK]:
                 try:
-                    record = decode_record(read_bytes(os.path.join(root, rel)))
-                    read.append((rel, record, identified(record, rel)))
-                except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors, one line each
-                    malformed.append((rel, str(exc).replace("JSON is malformed: ", "not valid JSON: ")))
-            wrong = verify([record for _, record, _ in read])
-            corrupt += [(read[i][0], why) for i, why in sorted(wrong.items())]
-            runs += [reducer.reduce(record, rel, env) for i, (rel, record, env) in enumerate(read) if i not in wrong]
-    return runs, malformed, corrupt, reducer.params, reducer.envs
+                    data, state = read_file(os.path.join(root, rel))
+                except FileNotFoundError:
+                    continue  # removed since it was listed
+                except OSError as exc:
+                    entries.append((rel, Entry(FileState(0, -1, 0, 0), "", malformed=str(exc))))
+                    continue
+                entry = Entry(state, hashlib.blake2b(data, digest_size=16).hexdigest())
+                if entry.digest == known:
+                    entries.append((rel, entry))
+                    continue
+                try:
+                    record = decode_record(data)
+                    read.append((rel, entry, record, identified(record, rel)))
+                except ValueError as exc:  # msgspec's errors are ValueErrors, one line each
+                    entry.malformed = str(exc).replace("JSON is malformed: ", "not valid JSON: ")
+                    entries.append((rel, entry))
+            wrong = verify([record for _, _, record, _ in read])
+            for i, (rel, entry, record, env) in enumerate(read):
+                if i in wrong:
+                    entry.corrupt = wrong[i]
+                else:
+                    entry.run = reducer.reduce(record, rel, env)
+                entries.append((rel, entry))
+    return entries, reducer.params, reducer.envs
 
 
-def _parse_encoded(root: str, rels: Sequence[str]) -> bytes:
-    """``_parse_files`` for a worker process: msgpack crosses back 5x faster than pickle."""
-    return msgspec.msgpack.encode(_parse_files(root, rels))
+def parse_encoded(root: str, todo: Sequence[tuple[str, str | None]]) -> bytes:
+    """``parse_files`` for a worker process: msgpack crosses back 5x faster than pickle."""
+    return msgspec.msgpack.encode(parse_files(root, todo))
 
 
-def read_bytes(path: str) -> bytes:
-    """A whole small file, in as few system calls as possible (``open().read()`` costs 3x here)."""
+def decode_parsed(data: bytes) -> Parsed:
+    return _PARSED.decode(data)
+
+
+def read_file(path: str) -> tuple[bytes, FileState]:
+    """A whole small file and the state of the very file read (not of what the path names a
+    moment later), in as few system calls as possible (``open().read()`` costs 3x here)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        state = FileState.of(os.fstat(fd))
         chunks = [os.read(fd, 1 << 16)]
         while len(chunks[-1]) == 1 << 16:
             chunks.append(os.read(fd, 1 << 20))
     finally:
         os.close(fd)
-    return b"".join(chunks)
-
-
-def load_store(root: Path, sweep: str = "*") -> Store:
-    """Read every record under ``root`` (of one sweep, or all; in worker processes for large
-    stores), sorted by path."""
-    files = ResultsStore(root)
-    files.require(sweep)
-    rels = files.relpaths(sweep)
-    if not rels:
-        where = f"{root}/{sweep}/runs/<run_id>.json" if sweep != "*" else f"{root}/<sweep>/runs/<run_id>.json"
-        raise HarnessError(f"no run records in {root} (expected {where})")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(cpus, 8) if len(rels) >= PARALLEL_MIN_FILES else 1
-    if workers > 1:
-        step = -(-len(rels) // (workers * 4))
-        chunks = [rels[i : i + step] for i in range(0, len(rels), step)]
-        with ProcessPoolExecutor(workers) as pool:
-            parts = [_PARSED.decode(b) for b in pool.map(_parse_encoded, [str(root)] * len(chunks), chunks)]
-    else:
-        parts = [_parse_files(str(root), rels)]
-    store = Store(root, len(rels), [], [], [], {}, {})
-    for runs, malformed, corrupt, params, envs in parts:  # chunks are in path order, so runs stay sorted
-        store.runs += runs
-        store.malformed += malformed
-        store.corrupt += corrupt
-        store.params.update(params)
-        store.envs.update(envs)
-    return store
-
-
-def load_stores(roots: Sequence[Path], sweep: str = "*") -> Store:
-    """Read several results directories as one: the same study made in different environments
-    (on two machines, say) lines up by sweep, model, category, configuration and seed."""
-    store = load_store(roots[0], sweep)
-    for root in roots[1:]:
-        if root.resolve() in {r.resolve() for r in store.roots or [store.root]}:
-            raise HarnessError(f"{root} is given twice")
-        store.merge(load_store(root, sweep))
-    return store
+    return b"".join(chunks), state

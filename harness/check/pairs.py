@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.stats import kendalltau
 
 from harness.check.load import QUALITY, Run, Store
+from harness.check.memo import Memo
 from harness.formatting import fmt_small
 
 if TYPE_CHECKING:
@@ -62,8 +63,27 @@ class ScoreDiff:
         rel = diff / np.abs(sa).clip(np.finfo(np.float64).tiny)
         in_a_order = sb[sa.argsort(kind="stable")]
         same = bool((in_a_order[1:] >= in_a_order[:-1]).all())  # b's scores never fall in a's order
-        tau = 1.0 if same or len(sa) < 2 else float(kendalltau(sa, sb).statistic)
+        if same or len(sa) < 2:
+            tau = 1.0
+        else:
+            from scipy.stats import kendalltau  # 1.3 s to import: only when a ranking differs
+
+            tau = float(kendalltau(sa, sb).statistic)
         return cls(float(diff.max()), float(rel.max()), same, tau)
+
+    @classmethod
+    def remembered(cls, a: Run, b: Run, memo: Memo) -> ScoreDiff | None:
+        """``of``, computed only for score arrays the memo has no answer for."""
+        if aligned_scores(a, b) is None or a.scores is None or b.scores is None:
+            return None
+        key = memo.key(b"score-diff", a.scores, b.scores)
+        hit = memo.get(key)
+        if hit is not None:
+            return cls(float(hit[0]), float(hit[1]), bool(hit[2]), float(hit[3]))  # type: ignore[arg-type]
+        diff = cls.of(a, b)
+        assert diff is not None  # aligned
+        memo.put(key, [diff.max_abs, diff.max_rel, diff.ranking_identical, diff.kendall_tau])
+        return diff
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,7 +112,7 @@ class Pair:
     def max_score_diff(self) -> float | None:
         return self.scores.max_abs if self.scores else None
 
-    @property
+    @cached_property  # read for every table and count: the pairs never change
     def max_metric_diff(self) -> float:
         return max((abs(v) for v in self.metric_diffs.values()), default=0.0)
 
@@ -133,7 +153,7 @@ def compare_runs(a: Run, b: Run, tolerance: float, store: Store, differs: str) -
         verdict = "within_tolerance"
     else:
         verdict = differs
-    scores = BITWISE_SCORES if verdict == "bitwise" else ScoreDiff.of(a, b)
+    scores = BITWISE_SCORES if verdict == "bitwise" else ScoreDiff.remembered(a, b, store.memo)
     return Pair(a, b, verdict, diffs, scores, store.env_diff(a.env_id, b.env_id))
 
 
@@ -145,7 +165,7 @@ def worst(pairs: Sequence[Pair]) -> str:
 class Determinism:
     pairs: list[Pair]
 
-    @property
+    @cached_property  # read for every table and count: the pairs never change
     def verdict(self) -> str:
         return worst(self.pairs)
 
@@ -185,7 +205,7 @@ class CrossEnvironment:
     def b(self) -> Run:
         return self.pairs[0].b
 
-    @property
+    @cached_property  # read for every table and count: the pairs never change
     def verdict(self) -> str:
         return worst(self.pairs)
 
