@@ -364,12 +364,14 @@ def _say_bad_records(command: str, store: Store) -> None:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
-    from harness.check import DEFAULT_TOLERANCE, check, to_text
+    from harness.check import DEFAULT_TOLERANCE, CheckReport, to_text
+    from harness.check.groups import check_output
 
-    rep = check(ns.results, DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance, ns.sweep)
-    _say_bad_records("check", rep.store)
-    print(rep.json_text() if ns.json else to_text(rep), end="")
-    return EXIT_FAILED_RUN if ns.strict and rep.strict_failure else 0
+    tolerance = DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance
+    store, text, strict = check_output(ns.results, tolerance, ns.sweep, CheckReport.json_text if ns.json else to_text)
+    _say_bad_records("check", store)
+    print(text, end="")
+    return EXIT_FAILED_RUN if ns.strict and strict else 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:

@@ -217,3 +217,30 @@ def test_the_frame_index_gives_the_frame_the_records_give(tmp_path: Path) -> Non
     only = load_runs(tmp_path, sweeps=["s1"], statuses=["failed"])
     assert list(only["status"]) == ["failed"]
     assert list(only["seed"]) == [9]
+
+
+def test_harness_check_prints_a_remembered_answer_only_for_the_same_records_and_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
+    study(tmp_path)
+    tampered = make_record(sweep="s3", seed=1, metrics={"image_AUROC": 0.99}, scores=scores_for(0.8))
+    write_records(tmp_path, [tampered])  # corrupt: --strict fails
+    assert main(["check", str(tmp_path), "--json", "--strict"]) == 1
+    first = capsys.readouterr().out
+    verdicts = harness.check.groups._verdicts
+
+    def never(*args: Any) -> Any:
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(harness.check.groups, "_verdicts", never)
+    assert main(["check", str(tmp_path), "--json", "--strict"]) == 1
+    assert capsys.readouterr().out == first
+    monkeypatch.setattr(harness.check.groups, "_verdicts", verdicts)
+    assert main(["check", str(tmp_path), "--json", "--tolerance", "0.1"]) == 0  # other arguments
+    assert json.loads(capsys.readouterr().out)["tolerance"] == 0.1
+    write_records(tmp_path, [make_record(seed=0, repeat=0, scores=scores_for(0.5))])  # other records
+    assert main(["check", str(tmp_path), "--json", "--tolerance", "0.1"]) == 0
+    s1 = next(g for g in json.loads(capsys.readouterr().out)["groups"] if g["sweep"] == "s1")
+    assert s1["metrics"]["image_AUROC"]["min"] == pytest.approx(0.65)  # seed 0: repeats 0.5 and 0.8

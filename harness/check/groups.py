@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain, combinations
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 
 from harness.check.index import load_stores
 from harness.check.load import COST, QUALITY, Run, Store, gc_paused
-from harness.check.memo import Memo
+from harness.check.memo import MEMO_DIR, Memo, code_hash, read_framed, write_framed
 from harness.check.pairs import (
     DEFAULT_TOLERANCE,
     VERDICTS,
@@ -457,18 +457,57 @@ def _searches(store: Store, groups: list[Group]) -> list[Search]:
 def check(root: Path | list[Path], tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
     """Read the store at ``root`` (or several, lined up as one; one sweep of them, or all) and
     compute every verdict."""
+    roots = _roots(root, tolerance)
+    with gc_paused():
+        return _verdicts(_loaded(roots, sweep), tolerance)
+
+
+def check_output(
+    root: Path | list[Path], tolerance: float, sweep: str, render: Callable[[CheckReport], str]
+) -> tuple[Store, str, str | None]:
+    """``render(check(...))`` and the report's ``strict_failure``, with the store they came
+    from; remembered (``RESULTS/.index/check-output.bin``, the last answer) by the records'
+    contents, the arguments and the code, so a rerun over unchanged records computes nothing."""
+    roots = _roots(root, tolerance)
+    with gc_paused():
+        store = _loaded(roots, sweep)
+        code = code_hash(*(f"check/{m}.py" for m in _OUTPUT_MODULES), "formatting.py", "record.py")
+        args = msgspec.json.encode([tolerance, sweep, render.__qualname__, [str(r) for r in roots]])
+        key = Memo.key(b"check-output", args, store.contents.encode())
+        path = roots[0] / MEMO_DIR / "check-output.bin"
+        body = read_framed(path, code)
+        try:
+            cached = _OUTPUT.decode(body) if body is not None else None
+        except msgspec.DecodeError:
+            cached = None
+        if cached is not None and cached[0] == key:
+            return store, cached[1], cached[2]
+        report = _verdicts(store, tolerance)
+        text, strict = render(report), report.strict_failure
+        write_framed(path, code, msgspec.msgpack.encode((key, text, strict)))
+        return store, text, strict
+
+
+_OUTPUT_MODULES = ("groups", "summary", "pairs", "stats", "load", "index", "memo", "verify")
+_OUTPUT = msgspec.msgpack.Decoder(tuple[str, str, str | None])
+
+
+def _roots(root: Path | list[Path], tolerance: float) -> list[Path]:
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HarnessError(f"--tolerance must be a finite number >= 0, got {tolerance}")
-    with gc_paused():
-        return _check(root if isinstance(root, list) else [root], tolerance, sweep)
+    return root if isinstance(root, list) else [root]
 
 
-def _check(roots: list[Path], tolerance: float, sweep: str) -> CheckReport:
+def _loaded(roots: list[Path], sweep: str) -> Store:
     store = load_stores(roots, sweep)
     if not store.runs:
         path, error = (store.malformed + store.corrupt)[0]
         bad = f"{len(store.malformed)} malformed, {len(store.corrupt)} corrupt"
         raise HarnessError(f"no readable run record in {store.where}: {bad}, such as {path}: {error}")
+    return store
+
+
+def _verdicts(store: Store, tolerance: float) -> CheckReport:
     groups = _groups(store)
     for g in groups:
         g.stats = _seed_stats(g.ok)

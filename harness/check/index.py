@@ -17,6 +17,7 @@ How files are framed, written and shared is ``memo``'s; deleting ``index/`` lose
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -128,17 +129,20 @@ def load_store(root: Path, sweep: str = "*") -> Store:
     files.require(sweep)
     indexes = _refresh(root, files.sweeps() if sweep == "*" else [sweep])
     store = Store(root, 0, [], [], [], {}, {}, memo=Memo.beside(root))
+    contents = hashlib.blake2b(digest_size=16)
     for index in indexes.values():  # sweeps in order, each sorted by path
         store.n_files += len(index.entries)
         store.params.update(index.params)
         store.envs.update(index.envs)
         for rel, entry in index.entries.items():
+            contents.update(f"{rel}\0{entry.digest}\n".encode())
             if entry.run is not None:
                 store.runs.append(entry.run)
             elif entry.malformed is not None:
                 store.malformed.append((rel, entry.malformed))
             else:
                 store.corrupt.append((rel, entry.corrupt or ""))
+    store.contents = contents.hexdigest()
     if not store.n_files:
         where = f"{root}/{sweep}/runs/<run_id>.json" if sweep != "*" else f"{root}/<sweep>/runs/<run_id>.json"
         raise HarnessError(f"no run records in {root} (expected {where})")

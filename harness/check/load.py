@@ -88,6 +88,7 @@ class Store:
     envs: dict[str, dict[str, Any]]  # env_id -> environment
     roots: list[Path] = field(default_factory=list)
     memo: Memo = field(default_factory=Memo)
+    contents: str = ""  # a hash of every record file's path and bytes (``index.load_store``)
     _env_diffs: dict[tuple[str, str], dict[str, list[Any]]] = field(default_factory=dict, repr=False)
 
     def full(self, path: str) -> Path:
@@ -106,6 +107,7 @@ class Store:
             self.corrupt = [(f"{self.root}/{p}", e) for p, e in self.corrupt]
             self.roots = [self.root]
         self.roots.append(other.root)
+        self.contents = stable_hash([self.contents, str(other.root), other.contents])
         self.n_files += other.n_files
         self.runs += _prefixed(other.runs, other.root)
         self.malformed += [(f"{other.root}/{p}", e) for p, e in other.malformed]
