@@ -51,10 +51,7 @@ def records(
 ) -> Iterator[RunRecord]:
     """The records under ``results`` (of these sweeps, roles and statuses: None for all), in
     path order; a file that is not a record is skipped (``harness check`` lists those)."""
-    store = ResultsStore(Path(results))
-    names = sorted(set(sweeps)) if sweeps is not None else ["*"]
-    for name in names:
-        store.require(name)
+    store, names = _sweeps(results, sweeps)
     keep_roles = set(roles) if roles is not None else None
     keep_statuses = set(statuses) if statuses is not None else None
     for name in names:
@@ -63,6 +60,15 @@ def records(
                 keep_statuses is None or record.status in keep_statuses
             ):
                 yield record
+
+
+def _sweeps(results: Path | str, sweeps: Iterable[str] | None) -> tuple[ResultsStore, list[str]]:
+    """The store and the sweeps asked for (``["*"]``: all), each known to be there."""
+    store = ResultsStore(Path(results))
+    names = sorted(set(sweeps)) if sweeps is not None else ["*"]
+    for name in names:
+        store.require(name)
+    return store, names
 
 
 def run_row(record: RunRecord) -> dict[str, Any]:
@@ -88,10 +94,7 @@ def load_runs(
     """
     import pandas as pd
 
-    store = ResultsStore(Path(results))
-    names = sorted(set(sweeps)) if sweeps is not None else ["*"]
-    for name in names:
-        store.require(name)
+    store, names = _sweeps(results, sweeps)
     parts = [_sweep_rows(store.root, sweep) for sweep in (store.sweeps() if names == ["*"] else names)]
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(frame):

@@ -475,11 +475,7 @@ def check_output(
         args = msgspec.json.encode([tolerance, sweep, render.__qualname__, [str(r) for r in roots]])
         key = Memo.key(b"check-output", args, store.contents.encode())
         path = roots[0] / MEMO_DIR / "check-output.bin"
-        body = read_framed(path, code)
-        try:
-            cached = _OUTPUT.decode(body) if body is not None else None
-        except msgspec.DecodeError:
-            cached = None
+        cached = read_framed(path, code, _OUTPUT)
         if cached is not None and cached[0] == key:
             return store, cached[1], cached[2]
         report = _verdicts(store, tolerance)

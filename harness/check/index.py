@@ -44,7 +44,7 @@ class SweepIndex(msgspec.Struct):
     envs: dict[str, dict[str, Any]]  # env_id -> environment, of the entries' runs
 
 
-_decode_index = msgspec.msgpack.Decoder(SweepIndex).decode
+_INDEX_DECODER = msgspec.msgpack.Decoder(SweepIndex)
 
 
 def _code() -> bytes:
@@ -53,13 +53,7 @@ def _code() -> bytes:
 
 def read_index(root: Path, sweep: str) -> SweepIndex | None:
     """A sweep's index, or None where there is none to trust."""
-    body = read_framed(root / sweep / INDEX, _code())
-    if body is None:
-        return None
-    try:
-        return _decode_index(body)
-    except msgspec.DecodeError:
-        return None
+    return read_framed(root / sweep / INDEX, _code(), _INDEX_DECODER)
 
 
 def _parse(root: Path, todo: list[tuple[str, str | None]]) -> list[Parsed]:

@@ -23,7 +23,7 @@ import importlib.metadata
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -32,6 +32,7 @@ from harness.fsutil import atomic_write_bytes
 MEMO_DIR = ".index"  # under the results directory: not a sweep (it has no runs/)
 _MAGIC = b"harness-index\n"
 _HEAD = struct.Struct("<16sIQ")  # code hash, CRC-32 of the body, length of the body
+T = TypeVar("T")
 MAX_ENTRIES = 2_000_000  # beyond this, only what the last check used is kept
 
 
@@ -64,10 +65,13 @@ def unframe(data: bytes, code: bytes) -> memoryview | None:
     return body
 
 
-def read_framed(path: Path, code: bytes) -> memoryview | None:
+def read_framed(path: Path, code: bytes, decoder: msgspec.msgpack.Decoder[T]) -> T | None:
+    """A framed file's content, or None where there is none to trust (missing, damaged, cut
+    short, another code's, or not what ``decoder`` expects)."""
     try:
-        return unframe(path.read_bytes(), code)
-    except OSError:
+        body = unframe(path.read_bytes(), code)
+        return decoder.decode(body) if body is not None else None
+    except (OSError, msgspec.DecodeError):
         return None
 
 
@@ -91,11 +95,7 @@ class Memo:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._code = code_hash("check/stats.py", "check/pairs.py", "check/memo.py", versions=("numpy", "scipy"))
-        body = read_framed(path, self._code) if path else None  # an in-memory memo by default
-        try:
-            self._old: dict[str, Value] = self._decode.decode(body) if body is not None else {}
-        except msgspec.DecodeError:
-            self._old = {}
+        self._old: dict[str, Value] = (read_framed(path, self._code, self._decode) if path else None) or {}
         self._used: dict[str, Value] = {}
         self.added = 0
 
