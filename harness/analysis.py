@@ -319,7 +319,7 @@ def check_frames(report: CheckReport) -> dict[str, pd.DataFrame]:
 
 # The leading columns of the checker's frames (docs/analysis.md), there even when a frame has
 # no rows; nested values follow them as dotted columns.
-STAT_KEYS = ("n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv")
+STAT_KEYS = ("n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv", "mdd")
 PAIR_KEYS = ("seed", "environment_a", "environment_b", "run_a", "run_b", "repeat_a", "repeat_b", "verdict")
 CROSS_KEYS = ("environment_a", "environment_b", "variant_a", "variant_b", "same_machine", "seeds", "verdict")
 COMPARISON_KEYS = ("category", "metric", "a", "b", "environment", "n_a", "n_b", "p_a_better", "ci_low", "ci_high")

@@ -30,7 +30,8 @@ TRAINING_COMMANDS = {"run", "demo"}
 def verdicts_help() -> str:
     """``harness check --help``'s account of how it decides, with the checker's own thresholds."""
     from harness.check.pairs import DEFAULT_TOLERANCE
-    from harness.check.stats import BOOTSTRAP_SEED, CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE
+    from harness.check.power import DEFAULT_DETECT, POWER, SEEDS_NEEDED_CAP
+    from harness.check.stats import BOOTSTRAP_SEED, CI, CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE
     from harness.check.verify import METRIC_TOLERANCE
 
     return f"""\
@@ -49,6 +50,13 @@ how it decides:
                percentile bootstrap; `A better` if the CI is above 0.5 and P >= {MEANINGFUL:g}
                (Bouthillier et al., MLSys 2021), `B better` mirrored, else `within noise`;
                under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`; only runs on the same data compared
+  power        two-sided two-sample t-test at {1 - CONFIDENCE:.0%}, equal seeds a side, exact (noncentral t):
+               per group and metric the MDD, the smallest difference two such groups detect with
+               {POWER:.0%} power; per comparison the seeds a side that detect --detect (default
+               {DEFAULT_DETECT:g}) from the pooled std, or `more than {SEEDS_NEEDED_CAP}`
+  across       per model over categories and seeds (two categories or more): mean and IQM with
+               stratified bootstrap {CI}s (seeds redrawn within each category), and P(A>B) averaged
+               over the categories two models share, with its CI and verdict (Agarwal et al., 2021)
   verified     every ok record's scores_sha256 and image AUROC and F1-max are recomputed from its
                scores and labels (to {METRIC_TOLERANCE:g}); a record that disagrees is corrupt: named on
                stderr, counted, left out of every statistic; a sweep runs it again
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help=f"largest absolute metric difference still `within_tolerance` (default {DEFAULT_TOLERANCE:g})",
     )
+    _add_detect(check)
     check.epilog = (check.epilog or "") + "\n\n" + verdicts_help()
 
     report = _add(
@@ -198,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results", type=Path, nargs="+", help="results directory (RESULTS/<sweep>/runs/*.json); several line up"
     )
     _add_sweep(report)
+    _add_detect(report)
     report.add_argument(
         "--out",
         type=Path,
@@ -247,6 +257,18 @@ def _sweep_name(value: str) -> str:
 def _add_sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep", default="*", type=_sweep_name, metavar="NAME", help="only this sweep's records (default: all)"
+    )
+
+
+def _add_detect(parser: argparse.ArgumentParser) -> None:
+    from harness.check.power import DEFAULT_DETECT
+
+    parser.add_argument(
+        "--detect",
+        type=float,
+        default=DEFAULT_DETECT,
+        metavar="X",
+        help=f"the difference in a metric each comparison sizes its seeds for (default {DEFAULT_DETECT:g})",
     )
 
 
@@ -368,7 +390,9 @@ def cmd_check(ns: argparse.Namespace) -> int:
     from harness.check.groups import check_output
 
     tolerance = DEFAULT_TOLERANCE if ns.tolerance is None else ns.tolerance
-    store, text, strict = check_output(ns.results, tolerance, ns.sweep, CheckReport.json_text if ns.json else to_text)
+    store, text, strict = check_output(
+        ns.results, tolerance, ns.sweep, ns.detect, CheckReport.json_text if ns.json else to_text
+    )
     _say_bad_records("check", store)
     print(text, end="")
     return EXIT_FAILED_RUN if ns.strict and strict else 0
@@ -381,7 +405,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
     if ns.out is not None and ns.out.suffix != ".md":
         raise HarnessError(f"--out {ns.out}: name a .md file (its plots go to the folder of the same name)")
-    rep = check(ns.results, sweep=ns.sweep)
+    rep = check(ns.results, sweep=ns.sweep, detect=ns.detect)
     out = ns.out or default_out(rep)
     command = report_command(ns.results, ns.sweep, ns.out)
     path, plots = write_report(rep, out, command, cache=rep.store.root / MEMO_DIR / "plots")

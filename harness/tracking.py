@@ -39,7 +39,7 @@ KEY_ENV = "WANDB_API_KEY"
 INIT_TIMEOUT_S = 30.0
 FINISH_TIMEOUT_S = 300.0
 # The summary run's numeric table: one row per group and metric (what W&B can sort and plot).
-SEED_STATS_COLUMNS = ("model", "category", "metric", "n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv")
+SEED_STATS_COLUMNS = ("model", "category", "metric", "n", "mean", "std", "ci_low", "ci_high", "min", "max", "cv", "mdd")
 
 
 def wandb_mode(spec: WandbSpec) -> str:

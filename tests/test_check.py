@@ -304,6 +304,8 @@ JSON_KEYS = {
     "comparisons",
     "searches",
     "across_environments",
+    "detect",
+    "aggregates",
 }
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
 GROUP_KEYS |= {"environment_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_environment"}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from harness.check.pairs import DEFAULT_TOLERANCE
+from harness.check.power import DEFAULT_DETECT, POWER, SEEDS_NEEDED_CAP
 from harness.check.stats import BOOTSTRAP_SEED, CONFIDENCE, MEANINGFUL, MIN_SEEDS_TO_COMPARE, N_RESAMPLES
 from harness.check.verify import METRIC_TOLERANCE
 from harness.cli import build_parser
@@ -303,6 +304,9 @@ def test_the_docs_state_the_thresholds_the_code_defines(page: str) -> None:
         f"`too few seeds` under {MIN_SEEDS_TO_COMPARE} seeds a side",
         f"{N_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}",
         f"{CONFIDENCE:.0%} CI",
+        f"{POWER:.0%} power",
+        f"default {DEFAULT_DETECT:g}",
+        f"more than {SEEDS_NEEDED_CAP}",
     ]
     if page == "design.md":
         phrases.append(f"within {METRIC_TOLERANCE:g} | `METRIC_TOLERANCE`")

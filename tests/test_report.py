@@ -71,7 +71,8 @@ def test_the_report_layout_is_pinned(tmp_path: Path) -> None:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
-    names = ["environments-score-diff.png", "search-hpo-ganomaly.png", "seeds-image_AUROC.png", "seeds-pixel_AUROC.png"]
+    names = ["environments-score-diff.png", "profile-categories.png", "search-hpo-ganomaly.png"]
+    names += ["seeds-image_AUROC.png", "seeds-pixel_AUROC.png"]
     assert [p.name for p in plots] == names
 
 
@@ -122,7 +123,7 @@ def test_report_cli_default_name_and_summary(
     fixed_store(tmp_path / "results")
     monkeypatch.chdir(tmp_path)
     assert main(["report", "results"]) == 0
-    assert capsys.readouterr().out == "wrote reports/results.md (3 groups, 4 plots in reports/results)\n"
+    assert capsys.readouterr().out == "wrote reports/results.md (3 groups, 5 plots in reports/results)\n"
     assert "Built by `harness report results` from 26 records." in (tmp_path / "reports" / "results.md").read_text()
 
 
@@ -269,8 +270,8 @@ def test_a_second_report_with_the_cache_draws_nothing(tmp_path: Path, drawn: lis
     uncached = report_pngs(root, tmp_path / "a" / "r.md")
     drawn.clear()
     assert report_pngs(root, tmp_path / "b" / "r.md", cache) == uncached
-    assert len(drawn) == 4
-    assert sorted(len(p.stem) for p in cache.iterdir()) == [32] * 4  # a 16-byte hash each
+    assert len(drawn) == 5
+    assert sorted(len(p.stem) for p in cache.iterdir()) == [32] * 5  # a 16-byte hash each
     drawn.clear()
     assert report_pngs(root, tmp_path / "c" / "r.md", cache) == uncached
     assert drawn == []
@@ -286,9 +287,9 @@ def test_a_changed_value_draws_only_its_figure_again(tmp_path: Path, drawn: list
     write_records(root, changed)  # the same runs (0.85 before), so the same files
     drawn.clear()
     after = report_pngs(root, tmp_path / "r.md", cache)
-    assert [type(p).__name__ for p in drawn] == ["SeedsFigure"]
-    assert {n for n in after if after[n] != before[n]} == {"seeds-image_AUROC.png"}
-    assert len(list(cache.iterdir())) == 5
+    assert [type(p).__name__ for p in drawn] == ["SeedsFigure", "ProfileFigure"]  # weave's scores are in both
+    assert {n for n in after if after[n] != before[n]} == {"seeds-image_AUROC.png", "profile-categories.png"}
+    assert len(list(cache.iterdir())) == 7
     assert after == report_pngs(root, tmp_path / "uncached.md")
 
 

@@ -3,6 +3,8 @@
 - ``load``: record files to ``Run``s; ``index``: which files need reading (a per-sweep index
   of what each file gave); ``memo``: statistics already computed, by their inputs;
 - ``stats``: seed spread with bootstrap intervals, P(A>B), and the thresholds;
+- ``power``: the difference a group's seeds could detect, the seeds a difference needs;
+- ``across``: per model over categories and seeds, rliable's aggregates and P(A>B);
 - ``pairs``: determinism and cross-environment verdicts on pairs of runs;
 - ``groups``: grouping, comparisons, searches, and ``check()`` itself;
 - ``summary``: the terminal table and the lines the report shares.

@@ -11,13 +11,14 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import chain, combinations
+from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
 
+from harness.check.across import AcrossComparison, Aggregate, Estimates, aggregates, improvement
 from harness.check.index import load_stores
 from harness.check.load import COST, QUALITY, Run, Store, gc_paused
 from harness.check.memo import MEMO_DIR, Memo, code_hash, read_framed, write_framed
@@ -29,6 +30,13 @@ from harness.check.pairs import (
     cross_environment,
     determinism,
     environment_order,
+)
+from harness.check.power import (
+    DEFAULT_DETECT,
+    SEEDS_NEEDED_CAP,
+    pooled_std,
+    remembered_mdd,
+    remembered_seeds_needed,
 )
 from harness.check.stats import Stat, bootstrap_means, comparison_verdict, probability_of_improvement
 from harness.errors import HarnessError
@@ -144,6 +152,22 @@ class Comparison:
     p: float
     ci_low: float
     ci_high: float
+    detect: float = DEFAULT_DETECT  # the difference `seeds_needed` is for (--detect)
+    seeds_needed: int | None = None
+
+    @property
+    def pooled_std(self) -> float | None:
+        return pooled_std(self.a.stats[self.metric].values, self.b.stats[self.metric].values)
+
+    @property
+    def seeds_needed_note(self) -> str | None:
+        """Why ``seeds_needed`` is None."""
+        if self.seeds_needed is not None:
+            return None
+        pooled = self.pooled_std
+        if pooled is None or not (math.isfinite(pooled) and pooled > 0):
+            return "no spread to size it by"
+        return f"more than {SEEDS_NEEDED_CAP}"
 
     @property
     def environment(self) -> str | None:
@@ -170,6 +194,10 @@ class Comparison:
             "ci_low": self.ci_low,
             "ci_high": self.ci_high,
             "verdict": self.verdict,
+            "detect": self.detect,
+            "pooled_std": self.pooled_std,
+            "seeds_needed": self.seeds_needed,
+            "seeds_needed_note": self.seeds_needed_note,
         }
 
 
@@ -238,6 +266,9 @@ class CheckReport:
     groups: list[Group]
     comparisons: list[Comparison]
     searches: list[Search]
+    detect: float = DEFAULT_DETECT
+    aggregates: list[Aggregate] = field(default_factory=list)  # per label and metric, over categories
+    across: list[AcrossComparison] = field(default_factory=list)  # P(A>B) over categories
 
     @property
     def views(self) -> list[Group]:
@@ -315,6 +346,7 @@ class CheckReport:
         return {
             "schema": CHECK_SCHEMA,
             "tolerance": self.tolerance,
+            "detect": self.detect,
             "records": self.counts(),
             "malformed": [{"path": p, "error": e} for p, e in self.store.malformed],
             "corrupt": [{"path": p, "error": e} for p, e in self.store.corrupt],
@@ -323,6 +355,10 @@ class CheckReport:
             "comparisons": [c.to_json() for c in self.comparisons],
             "searches": [s.to_json() for s in self.searches],
             "across_environments": self.across_environments(),
+            "aggregates": {
+                "models": [a.to_json() for a in self.aggregates],
+                "comparisons": [c.to_json() for c in self.across],
+            },
         }
 
     def json_text(self) -> str:
@@ -377,9 +413,9 @@ def _comparable(a: Group, b: Group) -> bool:
     return a.environments == b.environments
 
 
-def _comparisons(views: list[Group], memo: Memo) -> list[Comparison]:
+def _comparisons(views: list[Group], memo: Memo, detect: float) -> list[Comparison]:
     """Pairs of views (groups, or a group in one environment) of a category that saw the same
-    data, per compared metric.
+    data, per compared metric, each with the seeds a side it would need to detect ``detect``.
 
     Every pair while a category has up to ALL_PAIRS_UP_TO views; beyond that, each view against
     the best by mean image AUROC (the question a long list asks: which are tied with it).
@@ -398,7 +434,54 @@ def _comparisons(views: list[Group], memo: Memo) -> list[Comparison]:
         pairs = [(a, b) for a, b in pairs if _comparable(a, b)]
         todo += [(category, m, a, b) for a, b in pairs for m in COMPARED if m in a.stats and m in b.stats]
     results = remembered_improvement(memo, [(a.stats[m].values, b.stats[m].values) for _, m, a, b in todo])
-    return [Comparison(c, m, a, b, *res) for (c, m, a, b), res in zip(todo, results, strict=True)]
+    out = [Comparison(c, m, a, b, *res, detect=detect) for (c, m, a, b), res in zip(todo, results, strict=True)]
+    sized = [(c, std) for c in out if (std := c.pooled_std) is not None and math.isfinite(std) and std > 0]
+    for (c, _), n in zip(sized, remembered_seeds_needed(memo, [detect / std for _, std in sized]), strict=True):
+        c.seeds_needed = n
+    return out
+
+
+def _across(views: list[Group], memo: Memo) -> tuple[list[Aggregate], list[AcrossComparison]]:
+    """Per label (as the stability table's mean row) and compared metric with two categories or
+    more: the aggregates over categories and seeds; and per pair of such labels, P(A>B) over
+    the categories where their views can be compared (the same data, ``_comparable``), two or
+    more. Pairs as in a category: every pair up to ALL_PAIRS_UP_TO labels, else each against
+    the best by the metric's mean over categories."""
+    by_label: dict[str, dict[str, Group]] = defaultdict(dict)
+    for g in views:
+        if g.ok:
+            by_label[g.label][g.category] = g
+    aggs = []
+    for label, cats in sorted(by_label.items()):
+        for m in COMPARED:
+            have = sorted(c for c, g in cats.items() if m in g.stats)
+            if len(have) > 1:
+                aggs.append(Aggregate(label, m, have, [cats[c].stats[m].values for c in have]))
+    for agg, estimates in zip(aggs, remembered_aggregates(memo, [a.values for a in aggs]), strict=True):
+        agg.estimates = estimates
+    todo: list[tuple[Aggregate, Aggregate, list[str]]] = []
+    for m in COMPARED:
+        mine = [a for a in aggs if a.metric == m]
+        if len(mine) <= ALL_PAIRS_UP_TO:
+            pairs = list(combinations(mine, 2))
+        else:
+            best = max(mine, key=lambda a: a.estimates[0])
+            pairs = [(best, a) for a in mine if a is not best]
+        for a, b in pairs:
+            ga, gb = by_label[a.label], by_label[b.label]
+            shared = [
+                c
+                for c in a.categories
+                if c in b.categories
+                and len(ga[c].data_sha256) == 1
+                and ga[c].data_sha256 == gb[c].data_sha256
+                and _comparable(ga[c], gb[c])
+            ]
+            if len(shared) > 1:
+                todo.append((a, b, shared))
+    results = remembered_improvement_across(memo, [[(a.of(c), b.of(c)) for c in cats] for a, b, cats in todo])
+    across = [AcrossComparison(a.metric, a, b, cats, *res) for (a, b, cats), res in zip(todo, results, strict=True)]
+    return aggs, across
 
 
 def remembered_means(memo: Memo, stats: Iterable[Stat]) -> None:
@@ -423,12 +506,24 @@ def remembered_improvement(memo: Memo, pairs: list[tuple[np.ndarray, np.ndarray]
     """``probability_of_improvement``, computed only for pairs the memo has no answer for
     (a pair's answer never depends on the others)."""
     keys = [memo.key(b"p-improvement", a.tobytes(), b.tobytes()) for a, b in pairs]
-    hits = [memo.get(k) for k in keys]
-    missing = [i for i, hit in enumerate(hits) if hit is None]
-    for i, res in zip(missing, probability_of_improvement([pairs[i] for i in missing]) if missing else [], strict=True):
-        memo.put(keys[i], list(res))
-        hits[i] = list(res)
-    return [(float(h[0]), float(h[1]), float(h[2])) for h in hits]  # type: ignore[arg-type,index]
+    found = memo.each(keys, lambda missing: probability_of_improvement([pairs[i] for i in missing]))
+    return [(float(h[0]), float(h[1]), float(h[2])) for h in found]  # type: ignore[arg-type]
+
+
+def remembered_aggregates(memo: Memo, rows: list[list[np.ndarray]]) -> list[Estimates]:
+    """``across.aggregates`` (mean and IQM over categories), computed only for rows the memo lacks."""
+    keys = [memo.key(b"across-aggregates", *(v.tobytes() for v in row)) for row in rows]
+    found = memo.each(keys, lambda missing: aggregates([rows[i] for i in missing]))
+    return [cast(Estimates, tuple(float(v) for v in h)) for h in found]  # type: ignore[arg-type]
+
+
+def remembered_improvement_across(
+    memo: Memo, pairs: list[list[tuple[np.ndarray, np.ndarray]]]
+) -> list[tuple[float, float, float]]:
+    """``across.improvement`` (P(A>B) over categories), computed only for pairs the memo lacks."""
+    keys = [memo.key(b"across-improvement", *(v.tobytes() for ab in cats for v in ab)) for cats in pairs]
+    found = memo.each(keys, lambda missing: improvement([pairs[i] for i in missing]))
+    return [(float(h[0]), float(h[1]), float(h[2])) for h in found]  # type: ignore[arg-type]
 
 
 _SearchKey = tuple[str, str, str, str | None]
@@ -454,43 +549,47 @@ def _searches(store: Store, groups: list[Group]) -> list[Search]:
     return [Search(*key, trials.get(key, []), best.get(key, [])) for key in keys]
 
 
-def check(root: Path | list[Path], tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*") -> CheckReport:
+def check(
+    root: Path | list[Path], tolerance: float = DEFAULT_TOLERANCE, sweep: str = "*", detect: float = DEFAULT_DETECT
+) -> CheckReport:
     """Read the store at ``root`` (or several, lined up as one; one sweep of them, or all) and
-    compute every verdict."""
-    roots = _roots(root, tolerance)
+    compute every verdict; ``detect``: the difference each comparison sizes its seeds for."""
+    roots = _roots(root, tolerance, detect)
     with gc_paused():
-        return _verdicts(_loaded(roots, sweep), tolerance)
+        return _verdicts(_loaded(roots, sweep), tolerance, detect)
 
 
 def check_output(
-    root: Path | list[Path], tolerance: float, sweep: str, render: Callable[[CheckReport], str]
+    root: Path | list[Path], tolerance: float, sweep: str, detect: float, render: Callable[[CheckReport], str]
 ) -> tuple[Store, str, str | None]:
     """``render(check(...))`` and the report's ``strict_failure``, with the store they came
     from; remembered (``RESULTS/.index/check-output.bin``, the last answer) by the records'
     contents, the arguments and the code, so a rerun over unchanged records computes nothing."""
-    roots = _roots(root, tolerance)
+    roots = _roots(root, tolerance, detect)
     with gc_paused():
         store = _loaded(roots, sweep)
         code = code_hash(*(f"check/{m}.py" for m in _OUTPUT_MODULES), "formatting.py", "record.py")
-        args = msgspec.json.encode([tolerance, sweep, render.__qualname__, [str(r) for r in roots]])
+        args = msgspec.json.encode([tolerance, sweep, detect, render.__qualname__, [str(r) for r in roots]])
         key = Memo.key(b"check-output", args, store.contents.encode())
         path = roots[0] / MEMO_DIR / "check-output.bin"
         cached = read_framed(path, code, _OUTPUT)
         if cached is not None and cached[0] == key:
             return store, cached[1], cached[2]
-        report = _verdicts(store, tolerance)
+        report = _verdicts(store, tolerance, detect)
         text, strict = render(report), report.strict_failure
         write_framed(path, code, msgspec.msgpack.encode((key, text, strict)))
         return store, text, strict
 
 
-_OUTPUT_MODULES = ("groups", "summary", "pairs", "stats", "load", "index", "memo", "verify")
+_OUTPUT_MODULES = ("groups", "summary", "pairs", "stats", "load", "index", "memo", "verify", "power", "across")
 _OUTPUT = msgspec.msgpack.Decoder(tuple[str, str, str | None])
 
 
-def _roots(root: Path | list[Path], tolerance: float) -> list[Path]:
+def _roots(root: Path | list[Path], tolerance: float, detect: float) -> list[Path]:
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HarnessError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if not (detect > 0 and math.isfinite(detect)):
+        raise HarnessError(f"--detect must be a finite number > 0, got {detect}")
     return root if isinstance(root, list) else [root]
 
 
@@ -503,7 +602,7 @@ def _loaded(roots: list[Path], sweep: str) -> Store:
     return store
 
 
-def _verdicts(store: Store, tolerance: float) -> CheckReport:
+def _verdicts(store: Store, tolerance: float, detect: float) -> CheckReport:
     groups = _groups(store)
     for g in groups:
         g.stats = _seed_stats(g.ok)
@@ -512,7 +611,9 @@ def _verdicts(store: Store, tolerance: float) -> CheckReport:
             g.env_stats = {env: _seed_stats([r for r in g.ok if r.environment_id == env]) for env in envs}
     # Per environment, only quality metrics get an interval: the cost columns show means.
     per_env = (st[m] for g in groups for st in g.env_stats.values() for m in QUALITY if m in st)
-    remembered_means(store.memo, chain((s for g in groups for s in g.stats.values()), per_env))
+    seeded = [*(s for g in groups for s in g.stats.values()), *per_env]
+    remembered_means(store.memo, seeded)
+    remembered_mdd(store.memo, seeded)
     several = {g.label for g in groups if g.env_stats}  # labels shown per environment
     for g in groups:
         g.split = g.label in several
@@ -520,6 +621,8 @@ def _verdicts(store: Store, tolerance: float) -> CheckReport:
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
         g.cross_environment = cross_environment(g.ok, std, store, tolerance)
     views = [v for g in groups for v in g.views()]
-    report = CheckReport(store, tolerance, groups, _comparisons(views, store.memo), _searches(store, groups))
+    comparisons = _comparisons(views, store.memo, detect)
+    aggs, across = _across(views, store.memo)
+    report = CheckReport(store, tolerance, groups, comparisons, _searches(store, groups), detect, aggs, across)
     store.memo.save()
     return report

@@ -4,7 +4,8 @@ Two kinds of file, both derived from the records and both safe to delete:
 
 - the per-sweep index (``index``): what each record file reduced to;
 - ``RESULTS/.index/stats.bin``, the ``Memo``: results of the costly statistics (bootstrap
-  intervals, P(A>B), score differences) by a hash of their inputs. A result is reused exactly
+  intervals, P(A>B), score differences, power, aggregates across categories) by a hash of
+  their inputs. A result is reused exactly
   when its inputs are equal, whatever sweep or group they come from, so a changed record
   changes the key, never the answer; intervals are the same as recomputed (bootstraps are seeded).
 
@@ -22,6 +23,7 @@ import hashlib
 import importlib.metadata
 import struct
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,7 +96,8 @@ class Memo:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self._code = code_hash("check/stats.py", "check/pairs.py", "check/memo.py", versions=("numpy", "scipy"))
+        files = ("check/stats.py", "check/pairs.py", "check/power.py", "check/across.py", "check/memo.py")
+        self._code = code_hash(*files, versions=("numpy", "scipy"))
         self._old: dict[str, Value] = (read_framed(path, self._code, self._decode) if path else None) or {}
         self._used: dict[str, Value] = {}
         self.added = 0
@@ -123,6 +126,16 @@ class Memo:
     def put(self, key: str, value: list[Any]) -> None:
         self._used[key] = value
         self.added += 1
+
+    def each(self, keys: Sequence[str], compute: Callable[[list[int]], Iterable[Sequence[Any]]]) -> list[Value]:
+        """Each key's value: the memo's, or computed in one call for all it lacks
+        (``compute`` gets their positions in ``keys`` and gives their values in that order)."""
+        hits = [self.get(k) for k in keys]
+        missing = [i for i, hit in enumerate(hits) if hit is None]
+        for i, value in zip(missing, compute(missing) if missing else [], strict=True):
+            hits[i] = list(value)
+            self.put(keys[i], hits[i])  # type: ignore[arg-type]
+        return hits  # type: ignore[return-value]
 
     def save(self) -> None:
         """Write what was computed, if anything was, with what was there before (up to

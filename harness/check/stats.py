@@ -51,6 +51,7 @@ class Stat:
     seeds: np.ndarray  # the seed of each value
     ci_low: float | None = None
     ci_high: float | None = None
+    mdd: float | None = None  # the smallest difference two such groups could detect (harness.check.power)
 
     @property
     def n(self) -> int:
@@ -79,6 +80,7 @@ class Stat:
             "min": float(self.values.min()),
             "max": float(self.values.max()),
             "cv": self.cv,
+            "mdd": self.mdd,
         }
 
 
@@ -381,7 +383,12 @@ def _win_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple
 
 
 def _win_asymptotic(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """P(A>B) (ties half) with the asymptotic quantiles of its bootstrap distribution, from sorting.
+    """P(A>B) (ties half) with the asymptotic quantiles of its bootstrap distribution, from sorting."""
+    return cornish_fisher(*win_moments(a, b))
+
+
+def win_moments(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """P(A>B) (ties half), and the variance and third cumulant of its bootstrap distribution.
 
     P is a two-sample U-statistic with kernel psi(x, y) = 1, 1/2, 0 for x >, =, < y. Resampling
     A and B independently, its bootstrap distribution has mean P and, exactly,
@@ -390,10 +397,10 @@ def _win_asymptotic(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 
     z10 the variance over A of a seed's win rate against B (its placement), z01 the same for B,
     z11 the variance of psi over all pairs (the plug-in, i.e. bootstrap, form of DeLong's
-    variance). The distribution is skewed near 0 and 1, so its quantiles are Cornish-Fisher's,
-    P + se (z + skew (z^2 - 1) / 6), with the leading third cumulant of the U-statistic. Checked
-    against the bootstrap (tests/test_stats_scaling.py): each endpoint within 0.01 from 100 seeds
-    a side; the normal interval alone is off by up to 0.009, the logit one by 0.04.
+    variance). The distribution is skewed near 0 and 1, so its quantiles are Cornish-Fisher's
+    (``cornish_fisher``), with the leading third cumulant of the U-statistic. Checked against the
+    bootstrap (tests/test_stats_scaling.py): each endpoint within 0.01 from 100 seeds a side; the
+    normal interval alone is off by up to 0.009, the logit one by 0.04.
     """
     na, nb = len(a), len(b)
     sa, sb = np.sort(a), np.sort(b)
@@ -407,13 +414,19 @@ def _win_asymptotic(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     z10, z01 = float(np.mean(h10**2)), float(np.mean(h01**2))
     z11 = (wins + 0.25 * ties) / (na * nb) - p * p
     var = ((nb - 1) * z10 + (na - 1) * z01 + z11) / (na * nb)
-    if not var > 0:  # every pair the same outcome: every resample gives P
-        return p, p, p
     # third cumulant: both linear terms, and 6 E[h10(A) h01(B) psi(A, B)] / (na nb) from the
     # interaction (the sum over B below each seed of A, from cumulative sums in B's order)
     cum = np.concatenate([[0.0], np.cumsum(h01[np.argsort(b, kind="stable")])])
     mixed = float(np.dot(h10, cum[below_a] + cum[upto_a])) / 2 / (na * nb)
     k3 = float(np.mean(h10**3)) / na**2 + float(np.mean(h01**3)) / nb**2 + 6 * mixed / (na * nb)
+    return p, var, k3
+
+
+def cornish_fisher(p: float, var: float, k3: float) -> tuple[float, float, float]:
+    """A probability's CI from its bootstrap distribution's variance and third cumulant:
+    P + se (z + skew (z^2 - 1) / 6) at both ends, clipped to [0, 1]."""
+    if not var > 0:  # every pair the same outcome: every resample gives P
+        return p, p, p
     se = math.sqrt(var)
     skew = k3 / se**3
     z = NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2)

@@ -3,13 +3,25 @@ the report shares with it."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
-from harness.check.groups import CheckReport, Group
+from harness.check.across import Aggregate
+from harness.check.groups import CheckReport, Comparison, Group
 from harness.check.pairs import CrossEnvironment, env_label
-from harness.check.stats import CI
-from harness.formatting import config_label, fmt_small, fmt_stat, fmt_value, run_name, stat_cells, text_table
+from harness.check.stats import CI, Stat
+from harness.formatting import (
+    config_label,
+    fmt_small,
+    fmt_stat,
+    fmt_value,
+    run_name,
+    stat_cells,
+    text_table,
+)
+
+Table = tuple[tuple[str, ...], list[tuple[str, ...]]]
 
 
 def determinism_cell(group: Group) -> str:
@@ -44,6 +56,58 @@ def scores_cell(c: CrossEnvironment) -> str:
     return f"max |Δscore| {fmt_small(scores.max_abs)} (rel {fmt_small(scores.max_rel)}), {ranking}"
 
 
+def mdd_cell(stat: Stat | None) -> str:
+    """A metric's minimum detectable difference, or ``-`` (one seed, or no spread)."""
+    return "-" if stat is None or stat.mdd is None else f"{stat.mdd:.3f}"
+
+
+def seeds_needed_cell(c: Comparison) -> str:
+    """``12``, ``more than 10000``, or ``-`` (no spread to size it by)."""
+    if c.seeds_needed is not None:
+        return str(c.seeds_needed)
+    note = c.seeds_needed_note or "-"
+    return note if note.startswith("more") else "-"
+
+
+def seeds_range(a: Aggregate) -> str:
+    """Seeds per category: ``30``, or ``3-5`` when categories differ."""
+    lo, hi = min(map(len, a.values)), max(map(len, a.values))
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def p_cell(p: float, lo: float, hi: float) -> str:
+    """``0.22 [0.00, 0.67]``: P(A>B) and its CI."""
+    return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def interval_cell(value: float, lo: float, hi: float) -> str:
+    """``0.912 [0.884, 0.931]``."""
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) and math.isfinite(hi) else f"{value:.3f}"
+
+
+def aggregate_tables(rep: CheckReport) -> tuple[Table | None, Table | None]:
+    """Across categories: per model and metric, mean and IQM over categories and seeds; per pair
+    of models, P(A>B) averaged over the categories both ran comparably."""
+    rows: list[tuple[str, ...]] = [
+        (
+            a.label,
+            a.metric,
+            str(len(a.categories)),
+            seeds_range(a),
+            interval_cell(*a.estimates[:3]),
+            interval_cell(*a.estimates[3:]),
+        )
+        for a in rep.aggregates
+    ]
+    header = ("model", "metric", "categories", "seeds", f"mean [{CI}]", f"IQM [{CI}]")
+    pairs: list[tuple[str, ...]] = [
+        (c.metric, c.a.label, c.b.label, str(len(c.categories)), p_cell(c.p, c.ci_low, c.ci_high), c.verdict)
+        for c in rep.across
+    ]
+    pair_header = ("metric", "A", "B", "categories", f"P(A>B) [{CI}]", "verdict")
+    return ((header, rows) if rows else None), ((pair_header, pairs) if pairs else None)
+
+
 def cross_environment_lines(rep: CheckReport) -> list[str]:
     """Per group and pair of environments: verdict, score and metric differences, and the
     environment fields that differ."""
@@ -74,10 +138,10 @@ def to_text(rep: CheckReport) -> str:
     for g in rep.views:
         image = g.stats.get("image_AUROC")
         _, _, spread, cv = stat_cells(image)
-        cells = (fmt_stat(image), spread, cv, fmt_stat(g.stats.get("pixel_AUROC")))
+        cells = (fmt_stat(image), spread, cv, mdd_cell(image), fmt_stat(g.stats.get("pixel_AUROC")))
         rows.append((g.category, g.label, str(len(g.seeds)), *cells, determinism_cell(g) if g.ok else "-"))
         rows[-1] += (str(len(g.failed)),)
-    header: tuple[str, ...] = ("category", "group", "seeds", f"image_AUROC mean±std [{CI}]", "min-max", "CV")
+    header: tuple[str, ...] = ("category", "group", "seeds", f"image_AUROC mean±std [{CI}]", "min-max", "CV", "MDD")
     header += ("pixel_AUROC", "determinism", "failed")
     lines += ["", *text_table(header, rows)] if rows else ["", "no test runs (only search trials)"]
     failed = failed_lines(rep.groups)
@@ -90,12 +154,28 @@ def to_text(rep: CheckReport) -> str:
     if cross:
         lines += ["", "across environments (same seeds):", *("  " + line for line in cross)]
     if rep.comparisons:
-        lines += ["", f"model comparison, P(A beats B) over seeds [{CI}]:"]
+        lines += ["", f"model comparison, P(A beats B) over seeds [{CI}]; seeds a side to detect {rep.detect:g}:"]
         pairs = [
-            (c.category, c.metric, c.a.label, c.b.label, f"{c.p:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]", c.verdict)
+            (
+                c.category,
+                c.metric,
+                c.a.label,
+                c.b.label,
+                p_cell(c.p, c.ci_low, c.ci_high),
+                c.verdict,
+                seeds_needed_cell(c),
+            )
             for c in rep.comparisons
         ]
-        lines += ["  " + line for line in text_table(("category", "metric", "A", "B", "P(A>B)", "verdict"), pairs)]
+        header = ("category", "metric", "A", "B", "P(A>B)", "verdict", f"seeds for {rep.detect:g}")
+        lines += ["  " + line for line in text_table(header, pairs)]
+    models, across = aggregate_tables(rep)
+    if models:
+        lines += ["", "across categories, over every category and seed (stratified bootstrap):"]
+        lines += ["  " + line for line in text_table(*models)]
+    if across:
+        lines += ["", "across categories, P(A beats B) averaged over categories:"]
+        lines += ["  " + line for line in text_table(*across)]
     held = held_lines(rep)
     lines += ["", *held] if held else []
     for s in rep.searches:
@@ -107,9 +187,6 @@ def to_text(rep: CheckReport) -> str:
             head += f"; best {sel.get('metric')} {fmt_value(sel.get('value'))} -> test image_AUROC {test}"
         lines += ["", head]
     return "\n".join(lines) + "\n"
-
-
-Table = tuple[tuple[str, ...], list[tuple[str, ...]]]
 
 
 def held_tables(rep: CheckReport) -> tuple[Table | None, Table | None]:

@@ -57,7 +57,7 @@ def write_report(check: CheckReport, out: Path, command: str, cache: Path | None
     for name, data in names.items():
         atomic_write_bytes(plot_dir / name, data)
     for old in plot_dir.glob("*.png"):
-        if old.name not in names and old.name.startswith(("seeds-", "search-", "environments-")):
+        if old.name not in names and old.name.startswith(("seeds-", "search-", "environments-", "profile-")):
             old.unlink()
     atomic_write_bytes(out, report.render([f"{out.stem}/{n}" for n in sorted(names)]).encode())
     return out, [plot_dir / n for n in sorted(names)]

@@ -1,7 +1,7 @@
 """The report's figures: their data gathered from the checker's answer, then drawn as PNG bytes.
 
-Each figure is two steps. ``seeds_figure``, ``search_figure`` and ``score_diff_figure`` read
-the checker's objects into a ``Plot``: named tuples of strings, numbers and numpy arrays.
+Each figure is two steps. ``seeds_figure``, ``search_figure``, ``score_diff_figure`` and
+``profile_figure`` read the checker's objects into a ``Plot``: named tuples of strings, numbers and numpy arrays.
 ``draw`` makes the PNG from that alone, so the data is all a worker process needs and all the
 figure cache keys on (``plot_key``). The same data gives the same bytes: no timestamps.
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from harness.check import Group, Search
+    from harness.check.across import Aggregate
     from harness.check.pairs import CrossEnvironment
 
 PLOTTED = ("image_AUROC", "pixel_AUROC")
@@ -77,7 +78,18 @@ class ScoreDiffFigure(NamedTuple):
     panels: list[ScoreDiffPanel]
 
 
-Plot = SeedsFigure | SearchFigure | ScoreDiffFigure
+class Profile(NamedTuple):
+    """One model's scores of a metric over every category and seed it ran, ascending."""
+
+    label: str
+    values: np.ndarray
+
+
+class ProfileFigure(NamedTuple):
+    panels: list[tuple[str, list[Profile]]]  # (metric, its models), by metric
+
+
+Plot = SeedsFigure | SearchFigure | ScoreDiffFigure | ProfileFigure
 
 
 def seeds_figure(by_label: dict[str, list[Group]], metric: str) -> SeedsFigure:
@@ -129,6 +141,14 @@ def score_diff_figure(crosses: list[CrossEnvironment]) -> ScoreDiffFigure:
         title = f"{names[key]}: {len(values)} images, {int(np.sum(values == 0))} equal"
         panels.append(ScoreDiffPanel(title, np.log10(values[values > 0])))
     return ScoreDiffFigure(panels)
+
+
+def profile_figure(aggregates: list[Aggregate]) -> ProfileFigure:
+    """A panel per metric, a curve per model: the runs the checker aggregated across categories."""
+    panels: dict[str, list[Profile]] = defaultdict(list)
+    for a in aggregates:
+        panels[a.metric].append(Profile(a.label, np.sort(np.concatenate(a.values))))
+    return ProfileFigure(sorted(panels.items()))
 
 
 def _figure(n_panels: int, width: float = 4.0, sharey: bool = False, legend: bool = False) -> tuple[Any, list[Axes]]:
@@ -244,10 +264,33 @@ def _draw_score_diff(plot: ScoreDiffFigure) -> bytes:
     return _png(fig)
 
 
+def _draw_profile(plot: ProfileFigure) -> bytes:
+    """Performance profiles (Agarwal et al., 2021): per model, the fraction of its category x seed
+    runs scoring above each threshold tau. A curve to the right of another is better at every
+    level; where they cross, which is better depends on the level asked for."""
+    fig, axes = _figure(len(plot.panels), width=5.0)
+    for ax, (metric, curves) in zip(axes, plot.panels, strict=True):
+        lo = min(float(c.values[0]) for c in curves)
+        hi = max(float(c.values[-1]) for c in curves)
+        pad = 0.03 * (hi - lo) or 0.005  # each curve from 1 to 0, whatever the spread
+        taus = np.linspace(lo - pad, hi + pad, 201)
+        for c in curves:
+            above = 1 - np.searchsorted(c.values, taus, side="right") / len(c.values)
+            ax.plot(taus, above, lw=1.5, label=f"{c.label} ({len(c.values)} runs)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"{metric.replace('_', ' ')} threshold τ", fontsize=8)
+        ax.set_ylabel("fraction of runs scoring above τ", fontsize=8)
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle("Performance profiles over every category and seed, per model", fontsize=10)
+    return _png(fig)
+
+
 _DRAWERS: dict[type, Callable[[Any], bytes]] = {
     SeedsFigure: _draw_seeds,
     SearchFigure: _draw_search,
     ScoreDiffFigure: _draw_score_diff,
+    ProfileFigure: _draw_profile,
 }
 
 

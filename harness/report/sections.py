@@ -10,10 +10,29 @@ from typing import Any
 
 from harness.check import CheckReport, Group, Run, Search, Stat
 from harness.check.pairs import env_label
-from harness.check.stats import CI, MEANINGFUL, MIN_SEEDS_TO_COMPARE, bootstrap_means, mean_over_categories
-from harness.check.summary import determinism_cell, failed_lines, held_tables, scores_cell, trial_counts
+from harness.check.power import POWER
+from harness.check.stats import (
+    CI,
+    CONFIDENCE,
+    MEANINGFUL,
+    MIN_SEEDS_TO_COMPARE,
+    N_RESAMPLES,
+    bootstrap_means,
+    mean_over_categories,
+)
+from harness.check.summary import (
+    aggregate_tables,
+    determinism_cell,
+    failed_lines,
+    held_tables,
+    mdd_cell,
+    p_cell,
+    scores_cell,
+    seeds_needed_cell,
+    trial_counts,
+)
 from harness.formatting import GIB, flatten, fmt_ints, fmt_value, md_table, stat_cells
-from harness.report.plots import PLOTTED, Plot, score_diff_figure, search_figure, seeds_figure
+from harness.report.plots import PLOTTED, Plot, profile_figure, score_diff_figure, search_figure, seeds_figure
 from harness.report.references import MVTEC_TEST_IMAGES, REFERENCES, Reference
 from harness.report.reproduce import reproduce_commands
 
@@ -165,6 +184,28 @@ class StabilityReport:
             lines += ["", *(f"- {g.label} {g.category}: {g.note}" for g in singles)]
         return lines
 
+    def power(self) -> list[str]:
+        """Per model and category, the difference its seeds could detect (MDD) in each plotted metric."""
+        rows = []
+        for label, groups in self.by_label().items():
+            for g in groups:
+                cells = [(stat_cells(st)[0], mdd_cell(st)) for st in (g.stats.get(m) for m in PLOTTED)]
+                rows.append((label, g.category, str(len(g.seeds)), *(c for pair in cells for c in pair)))
+        if not rows:
+            return []
+        header = ("model", "category", "seeds", "image AUROC", "image MDD", "pixel AUROC", "pixel MDD")
+        return [
+            "## What the seeds could detect",
+            "",
+            f"MDD: the smallest difference in the metric that a comparison of two groups like this one (its seed "
+            f"std, its seeds on each side) detects with {POWER:.0%} power: a two-sided two-sample t-test at "
+            f"{1 - CONFIDENCE:.0%}, solved exactly with the noncentral t. A real difference below it is missed "
+            "more often than not; the model comparison says how many seeds a side a given difference needs. "
+            "`-`: one seed, or every seed the same.",
+            "",
+            *md_table(header, rows),
+        ]
+
     def references(self) -> list[str]:
         rows = []
         for label, groups in self.by_label().items():
@@ -279,11 +320,14 @@ class StabilityReport:
                 c.a.label,
                 c.b.label,
                 f"{c.a.stats[c.metric].n} / {c.b.stats[c.metric].n}",
-                f"{c.p:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]",
+                p_cell(c.p, c.ci_low, c.ci_high),
                 c.verdict,
+                seeds_needed_cell(c),
             )
             for c in self.check.comparisons
         ]
+        detect = f"{self.check.detect:g}"
+        header = ("category", "metric", "A", "B", "seeds A / B", f"P(A>B) [{CI}]", "verdict")
         return [
             "## Model comparison",
             "",
@@ -291,10 +335,40 @@ class StabilityReport:
             f"percentile bootstrap {CI}. `A better` when the CI is above 0.5 and P(A>B) ≥ "
             f"{MEANINGFUL:g} (Bouthillier et al., MLSys 2021); `B better` the other way round; otherwise "
             f"`within noise`; under {MIN_SEEDS_TO_COMPARE} seeds a side, `too few seeds`. Only configurations "
-            "tested on the same data are compared.",
+            f"tested on the same data are compared. Seeds a side for {detect}: how many seeds each side needs for "
+            f"a difference of {detect} in the metric to be detected with {POWER:.0%} power (the t-test above, "
+            f"from the two sides' pooled std; `harness report --detect X` for another difference).",
             "",
-            *md_table(("category", "metric", "A", "B", "seeds A / B", f"P(A>B) [{CI}]", "verdict"), rows),
+            *md_table((*header, f"seeds a side for {detect}"), rows),
         ]
+
+    def across(self) -> list[str]:
+        """Per model over categories and seeds: mean and IQM with stratified intervals, and P(A>B)."""
+        models, pairs = aggregate_tables(self.check)
+        if models is None:
+            return []
+        lines = [
+            "## Across categories",
+            "",
+            "Per model over every category and seed it ran (two categories or more), as Agarwal et al. (NeurIPS "
+            "2021, rliable) recommend for few runs on many tasks: the mean (of the category means, as the mean "
+            "row above) and the IQM, the interquartile mean of all category x seed scores (the middle 50%: one "
+            f"category that fails or saturates moves it little), each with a stratified bootstrap {CI} "
+            f"(seeds redrawn within each category, {N_RESAMPLES} resamples, seeded). The performance profile "
+            "plot shows each model's share of category x seed runs scoring above every threshold.",
+            "",
+            *md_table(*models),
+        ]
+        if pairs:
+            lines += [
+                "",
+                "P(A>B) averaged over the categories both models ran on the same data (in each, the chance that a "
+                f"seed of A scores above a seed of B, ties half), with a stratified bootstrap {CI}; verdicts as "
+                "in the model comparison, from the fewest seeds a side in any of those categories.",
+                "",
+                *md_table(*pairs),
+            ]
+        return lines
 
     def searches(self) -> list[str]:
         if not self.check.searches:
@@ -322,8 +396,8 @@ class StabilityReport:
 
     def render(self, plots: Sequence[str]) -> str:
         lines = self.header()
-        sections = (self.stability, self.references, self.determinism, self.cross_environment, self.comparisons)
-        for section in (*sections, self.searches):
+        sections = (self.stability, self.power, self.references, self.determinism, self.cross_environment)
+        for section in (*sections, self.comparisons, self.across, self.searches):
             part = section()
             if part:
                 lines += ["", *part]
@@ -354,6 +428,8 @@ class StabilityReport:
         diffs = score_diff_figure([c for g in self.check.groups for c in g.cross_environment])
         if diffs.panels:
             out["environments-score-diff"] = diffs
+        if self.check.aggregates:
+            out["profile-categories"] = profile_figure(self.check.aggregates)
         return out
 
 
