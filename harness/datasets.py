@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, UnidentifiedImageError
 
 from harness.errors import HarnessError
+from harness.streams import DATA_SPLIT_SEED
 
 if TYPE_CHECKING:
     from harness.spec import DataSpec, ValidationSpec
@@ -26,7 +27,6 @@ MVTEC_SUFFIXES = (".png", ".PNG")
 FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The split of a folder data set and any validation split are fixed, not the run's seed:
 # every seed of a study must be scored on the same test images.
-DATA_SPLIT_SEED = 0
 MVTEC_LAYOUT = (
     "expected MVTec AD layout ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect>/*.png, "
     "ROOT/<category>/ground_truth/<defect>/<stem>_mask.png"

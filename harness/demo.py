@@ -1,7 +1,8 @@
 """``harness demo``: the whole pipeline on the embedded default, on any machine.
 
 Synthetic data, a local Ray cluster, a PatchCore seed study, a GANomaly search with its best
-configuration's seed runs, a PatchCore study in three execution environments, the
+configuration's seed runs, a PatchCore study in three execution environments, a study per
+model of where the seed spread comes from (variance by source), the
 reproducibility check, the report and W&B offline runs: no data
 set, GPU, account or network needed. It is the newcomer's first command and what CI runs, so
 it goes through the same functions as ``harness data synth``, ``sweep``, ``check`` and
@@ -23,7 +24,7 @@ from harness.sweep import cluster, sweep
 from harness.synth import synth
 from harness.tracking import sweep_wandb_dir, wandb_mode
 
-SPECS = ("patchcore.yaml", "ganomaly.yaml", "environments.yaml")
+SPECS = ("patchcore.yaml", "ganomaly.yaml", "environments.yaml", "sources-patchcore.yaml", "sources-ganomaly.yaml")
 REPORT = Path("reports/demo.md")  # under the demo's directory, as a checkout keeps its reports
 STAGES = len(SPECS) + 3  # data, the studies, check, report
 
@@ -101,6 +102,9 @@ def _what(spec: ExperimentSpec) -> str:
     if spec.environments:
         envs = ", ".join(spec.environments)
         return f"{spec.model} seed study in {len(spec.environments)} environments ({envs}): {seeds} seeds each"
+    if spec.sources:
+        varied = ", ".join(f"{s} only" for s in spec.sources)
+        return f"{spec.model} variance by source: {cats} categories x {seeds} seeds, as written and {varied}"
     if spec.study == "seeds":
         return f"{spec.model} seed study: {cats} categories x {seeds} seeds x {spec.repeats} repeats"
     return (

@@ -107,6 +107,8 @@ class RunRecord(_Part, frozen=True):
     # Seed studies with a fixed backbone: the training features' key, and whether this run
     # reused them from an earlier run of the study (it then trained on one batch only).
     features: dict[str, Any] | None = None
+    # Each named random stream's seed (harness/streams.py); pinned ones are in params.streams.
+    streams: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:

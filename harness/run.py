@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.datasets import DATA_SPLIT_SEED, DataCheck, build_datamodule, check_data
+from harness.datasets import DataCheck, build_datamodule, check_data
 from harness.errors import HarnessError
 from harness.evaluate import Predicted, collect, compute_metrics
 from harness.fingerprint import check_requested, environment_id, fingerprint
@@ -35,6 +35,10 @@ from harness.hashing import sha256_file, stable_hash, state_sha256
 from harness.models import ModelArgs, SharedFeatures, get_model
 from harness.record import DataInfo, Memory, Predictions, RunRecord, Timing, ValidationInfo
 from harness.spec import RunSpec
+from harness.streams import Streams
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,36 +227,19 @@ def _validation_scores(on_scores: ValidationHook, base: Path) -> Any:
     return ValidationScores()
 
 
-@contextlib.contextmanager
-def _fixed_rng(seed: int) -> Iterator[None]:
-    """Draw from RNGs seeded with ``seed`` inside, and leave the run's own RNG states as they were."""
-    import torch
-
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-
-
-def build_validation_split(datamodule: Any, workdir: Path) -> None:
+def build_validation_split(datamodule: Any, workdir: Path, streams: Streams) -> None:
     """Build a trial's validation split now, the same for every trial of a search.
 
     anomalib picks which held-out images get synthetic anomalies with numpy's global RNG and
     draws the anomalies from torch's, whose states by then depend on the trial's model
-    (its initialisation draws from them): the draws are made from a fixed seed instead. It
+    (its initialisation draws from them): the draws are made from the ``split`` stream instead. It
     takes anomaly textures from ``./datasets/dtd`` when that exists in the working folder,
     so the split is built from an empty one: always Perlin noise, wherever the trial runs.
     The synthetic images are written in ``workdir`` too, and go with it (see ``_synthetic_root``).
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    with _fixed_rng(DATA_SPLIT_SEED), _synthetic_root(workdir / "synthetic_anomaly"), contextlib.chdir(workdir):
+    with streams.drawing("split"), _synthetic_root(workdir / "synthetic_anomaly"), contextlib.chdir(workdir):
         datamodule.setup(TrainerFn.FITTING)  # a trainer-stage setup: fit() does not redo it
     # The workdir owns the images: the dataset deleting them when collected, after the run
     # removed the workdir, would fail.
@@ -274,6 +261,21 @@ def _synthetic_root(root: Path) -> Iterator[None]:
         yield
     finally:
         synthetic.ROOT = default
+
+
+def _shuffle_from(datamodule: Any, generator: torch.Generator | None) -> None:
+    """Have the training loader shuffle with ``generator`` (the ``order`` stream), when given."""
+    if generator is None:
+        return
+    make_loader = datamodule.train_dataloader
+
+    def train_dataloader() -> Any:
+        loader = make_loader()
+        if hasattr(loader.sampler, "generator"):
+            loader.sampler.generator = generator
+        return loader
+
+    datamodule.train_dataloader = train_dataloader
 
 
 def _record_train_order(datamodule: Any, features: SharedFeatures) -> None:
@@ -325,21 +327,25 @@ def fit_and_predict(
     from anomalib.post_processing import PostProcessor
 
     adapter = get_model(spec.model)
-    model = adapter.build(
-        args,
-        pre_processor=pre_processor(spec.data.image_size),
-        # Raw scores: min-max normalisation would make scores depend on the other images.
-        post_processor=PostProcessor(enable_normalization=False),
-        train_batch_size=spec.data.train_batch_size,
-        features=features,
-    )
+    streams = spec.random_streams()
+    with streams.drawing("init"):
+        model = adapter.build(
+            args,
+            pre_processor=pre_processor(spec.data.image_size),
+            # Raw scores: min-max normalisation would make scores depend on the other images.
+            post_processor=PostProcessor(enable_normalization=False),
+            train_batch_size=spec.data.train_batch_size,
+            features=features,
+            streams=streams,
+        )
     datamodule = build_datamodule(spec.data, spec.category, spec.validation)
+    _shuffle_from(datamodule, streams.generator("order"))
     if features is not None:
         _record_train_order(datamodule, features)
     base = Path(spec.data.root).expanduser() / spec.category
     trial = spec.validation is not None
     if trial:
-        build_validation_split(datamodule, workdir)
+        build_validation_split(datamodule, workdir, streams)
     engine = Engine(
         default_root_dir=workdir,
         accelerator="gpu" if device.startswith("cuda") else "cpu",
@@ -494,6 +500,7 @@ def build_record(
         validation=state.validation(),
         selection=spec.selection,
         features=state.features,
+        streams=spec.random_streams().seeds,
     )
 
 

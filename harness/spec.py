@@ -28,6 +28,7 @@ from harness.fingerprint import ONEDNN_NEEDS
 from harness.hashing import stable_hash
 from harness.models import get_model
 from harness.record import Role, load_time_env
+from harness.streams import FOLLOW, Streams
 
 Device = Literal["auto", "cpu", "cuda"]
 # oneDNN's ISA caps (its DNNL_MAX_CPU_ISA values), lower to higher.
@@ -215,6 +216,12 @@ class ExperimentSpec(StrictModel):
     repeats: int = Field(default=1, ge=1, le=100)
     deterministic: bool = True
     resources: ResourcesSpec = ResourcesSpec()
+    # Named random streams pinned to a seed ({init: 0}); the others follow each run's seed
+    # (harness/streams.py). `seed` spells "follows" explicitly (the only way to vary `split`).
+    streams: dict[str, Annotated[int, Field(ge=0, lt=2**32)] | Literal["seed"]] | None = None
+    # Variance by source: per listed stream, the study again with only that stream following
+    # the seed (the others pinned to `streams`' value, else to the first seed).
+    sources: list[str] | None = Field(default=None, min_length=1)
     # Runs (or trials) in flight at once; 0: as many as the cluster's resources allow.
     max_concurrent: int = Field(default=0, ge=0)
     tracking: TrackingSpec = TrackingSpec()
@@ -244,7 +251,36 @@ class ExperimentSpec(StrictModel):
             if not (key.startswith(SEARCHABLE_PREFIXES) or key in SEARCHABLE_KEYS):
                 raise ValueError(f"search_space.{key}: not searchable (model_args.* or {', '.join(SEARCHABLE_KEYS)})")
         self._check_environments()
+        self._check_streams()
         return self
+
+    def _check_streams(self) -> None:
+        own = get_model(self.model).streams
+        allowed = (*own, "split") if self.study == "hpo" else own
+        for name in self.streams or {}:
+            if name not in allowed:
+                why = "a search trial's only" if name == "split" else f"not one {self.model} draws from"
+                raise ValueError(f"streams.{name}: {why} (streams: {', '.join(allowed)})")
+        if self.sources is not None:
+            if self.study != "seeds":
+                raise ValueError("sources: only for study: seeds")
+            for name in self.sources:
+                if name not in own:
+                    raise ValueError(f"sources: {name} is not a stream {self.model} draws from ({', '.join(own)})")
+            if len(set(self.sources)) != len(self.sources):
+                raise ValueError("sources: a stream is listed twice")
+
+    def stream_pins(self, source: str | None = None) -> dict[str, int | str] | None:
+        """Each run's pins: the spec's, or for a ``source`` study every model stream but
+        ``source`` pinned (to the spec's value, else the first seed)."""
+        if source is None:
+            return dict(self.streams) if self.streams else None
+        pins = self.streams or {}
+        first = self.seeds[0]
+        return {
+            name: FOLLOW if name == source else (pins[name] if pins.get(name, FOLLOW) != FOLLOW else first)
+            for name in get_model(self.model).streams
+        }
 
     def _check_environments(self) -> None:
         """Variants that could not run as asked are refused now, before any run."""
@@ -312,6 +348,8 @@ class RunSpec(StrictModel):
     role: Role = "run"
     validation: ValidationSpec | None = None
     selection: dict[str, Any] | None = None
+    # Random streams pinned (stream: seed, or "seed": follows the run's): see harness/streams.py.
+    streams: dict[str, int | str] | None = None
 
     def key(self) -> dict[str, Any]:
         """What identifies the run in the store (the run id adds the hardware).
@@ -372,7 +410,14 @@ class RunSpec(StrictModel):
         params = {"model_args": model_args, "data": data, "deterministic": self.deterministic}
         if self.validation is not None:
             params["validation"] = self.validation.model_dump(mode="json")
+        if self.streams:  # (runs with nothing pinned keep the params, and ids, they had before)
+            params["streams"] = dict(sorted(self.streams.items()))
         return params
+
+    def random_streams(self) -> Streams:
+        """Each named stream's seed in this run: the model's streams, and a trial's split."""
+        names = get_model(self.model).streams
+        return Streams.of(self.seed, (*names, "split") if self.role == "trial" else names, self.streams)
 
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few dozen lines
@@ -580,9 +625,11 @@ def run_spec(
     role: Role = "run",
     selection: dict[str, Any] | None = None,
     environment: str | None = None,
+    source: str | None = None,
 ) -> RunSpec:
     """One point of the study's grid (or one HPO trial, scored on the validation split), in
-    the named environment of the spec's (None: the one it runs in)."""
+    the named environment of the spec's (None: the one it runs in); of the study varying
+    only stream ``source``, if given."""
     variant = (spec.environments or {})[environment] if environment is not None else None
     return RunSpec(
         sweep=spec.name,
@@ -601,6 +648,7 @@ def run_spec(
         role=role,
         validation=spec.validation if role == "trial" else None,
         selection=selection,
+        streams=spec.stream_pins(source),
     )
 
 
@@ -617,10 +665,12 @@ def expand(
     selection: dict[str, Any] | None = None,
     environments: list[str | None] | None = None,
 ) -> list[RunSpec]:
-    """The study's grid, environments x categories x seeds x repeats, in a fixed order."""
+    """The study's grid, environments x (the study, then one per source) x categories x seeds
+    x repeats, in a fixed order."""
     return [
-        run_spec(spec, category, seed, repeat, device, role=role, selection=selection, environment=env)
+        run_spec(spec, category, seed, repeat, device, role=role, selection=selection, environment=env, source=src)
         for env in (environment_names(spec) if environments is None else environments)
+        for src in [None, *(spec.sources or [])]
         for category in spec.data.categories
         for seed in spec.seeds
         for repeat in range(spec.repeats)

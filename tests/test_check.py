@@ -306,6 +306,7 @@ JSON_KEYS = {
     "across_environments",
     "detect",
     "aggregates",
+    "sources",
 }
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
 GROUP_KEYS |= {"environment_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_environment"}

@@ -38,7 +38,7 @@ def demo_args() -> list[str]:
 def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
     """The studies load as `harness sweep` loads them, and a built wheel carries them (the image
     installs the package without `experiments/`)."""
-    patchcore, ganomaly, environments = (load_spec(p) for p in spec_paths())
+    patchcore, ganomaly, environments, sources_pc, sources_gan = (load_spec(p) for p in spec_paths())
     assert (patchcore.study, patchcore.model, patchcore.seeds) == ("seeds", "patchcore", [0, 1, 2])
     assert patchcore.repeats == 2
     assert (ganomaly.study, ganomaly.model, ganomaly.seeds, ganomaly.repeats) == ("hpo", "ganomaly", [0, 1, 2], 2)
@@ -51,6 +51,9 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
         assert spec.tracking.wandb.mode == "offline"
         assert spec.resources.gpu == 0  # runs anywhere
     assert patchcore.model_args["pre_trained"] is False  # no weights to fetch
+    assert sources_pc.model_args == patchcore.model_args  # the seed study's spread, by source
+    assert (sources_pc.sources, sources_pc.streams) == (["sampling", "init"], {"order": 0})
+    assert (sources_gan.model, sources_gan.study, sources_gan.sources) == ("ganomaly", "seeds", ["init", "order"])
     assert ganomaly.validation.split == "synthetic"  # selection never sees the test split
     src = tmp_path / "src"  # a copy: a build leaves build/ and *.egg-info behind
     shutil.copytree(
@@ -67,6 +70,8 @@ def test_demo_specs_are_valid_and_ship_in_the_package(tmp_path: Path) -> None:
         "harness/demo_specs/environments.yaml",
         "harness/demo_specs/ganomaly.yaml",
         "harness/demo_specs/patchcore.yaml",
+        "harness/demo_specs/sources-ganomaly.yaml",
+        "harness/demo_specs/sources-patchcore.yaml",
     ]
 
 
@@ -99,7 +104,10 @@ def test_the_readme_demo_runs_the_whole_pipeline(
         assert kinds[("demo-ganomaly", "best", category)] == 6
     envs = Counter(r["environment"]["variant"] for r in records.values() if r["sweep"] == "demo-environments")
     assert envs == {"native": 3, "aten-default": 3, "bf16": 3}  # grid, 3 seeds, in each
-    assert len(records) == 57
+    sources = Counter((r["sweep"], r["category"]) for r in records.values() if "sources" in r["sweep"])
+    # 6 seeds, as written and once per source
+    assert sources == {("demo-sources-patchcore", c): 18 for c in ("grid", "weave")} | {("demo-sources-ganomaly", "grid"): 18}
+    assert len(records) == 57 + 36 + 18
     trials = {i for i, r in records.items() if r["role"] == "trial"}
     for r in records.values():
         if r["role"] == "trial":  # scored on the validation split only

@@ -38,6 +38,7 @@ from harness.check.power import (
     remembered_mdd,
     remembered_seeds_needed,
 )
+from harness.check.sources import SourceShare, base_config, only_source, pins_of, shares, stream_tag
 from harness.check.stats import Stat, bootstrap_means, comparison_verdict, probability_of_improvement
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
@@ -269,6 +270,7 @@ class CheckReport:
     detect: float = DEFAULT_DETECT
     aggregates: list[Aggregate] = field(default_factory=list)  # per label and metric, over categories
     across: list[AcrossComparison] = field(default_factory=list)  # P(A>B) over categories
+    sources: list[SourceShare] = field(default_factory=list)  # variance by source (sources studies)
 
     @property
     def views(self) -> list[Group]:
@@ -359,6 +361,7 @@ class CheckReport:
                 "models": [a.to_json() for a in self.aggregates],
                 "comparisons": [c.to_json() for c in self.across],
             },
+            "sources": [s.to_json() for s in self.sources],
         }
 
     def json_text(self) -> str:
@@ -367,9 +370,11 @@ class CheckReport:
         return msgspec.json.format(msgspec.json.encode(self.to_json(), order="sorted"), indent=2).decode() + "\n"
 
 
-def _label(run: Run, config_id: str, several: bool) -> str:
+def _label(run: Run, config_id: str, several: bool, pins: dict[str, Any]) -> str:
+    """``sweep/model``, `` [best]`` for a search's winner, ``#id`` where a sweep has several
+    configurations (beyond their streams), and which streams are pinned (``sources``)."""
     label = f"{run.sweep}/{run.model}" + (" [best]" if run.role == "best" else "")
-    return f"{label} #{config_id[:6]}" if several else label
+    return (f"{label} #{config_id[:6]}" if several else label) + stream_tag(pins)
 
 
 def _groups(store: Store) -> list[Group]:
@@ -377,13 +382,15 @@ def _groups(store: Store) -> list[Group]:
     for run in store.runs:
         if run.role != "trial":
             members[(run.sweep, run.model, run.category, run.role, run.config_id)].append(run)
-    configs: dict[tuple[str, str, str, str], int] = defaultdict(int)
-    for sweep, model, category, role, _ in members:
-        configs[(sweep, model, category, role)] += 1
+    pins = {key[4]: pins_of(store.params[key[4]]) for key in members}
+    base = {c: base_config(store.params[c]) if p else c for c, p in pins.items()}
+    configs: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
+    for sweep, model, category, role, config in members:
+        configs[(sweep, model, category, role)].add(base[config])
     groups = []
     for key, runs in sorted(members.items()):
         runs.sort(key=lambda r: (r.seed, r.repeat, r.environment_id, r.run_id))
-        label = _label(runs[0], key[4], configs[key[:4]] > 1)
+        label = _label(runs[0], base[key[4]], len(configs[key[:4]]) > 1, pins[key[4]])
         ok = [r for r in runs if r.status == "ok"]
         groups.append(Group(*key, label, ok, [r for r in runs if r.status == "failed"]))
     return sorted(groups, key=lambda g: (g.category, g.label))
@@ -581,7 +588,19 @@ def check_output(
         return store, text, strict
 
 
-_OUTPUT_MODULES = ("groups", "summary", "pairs", "stats", "load", "index", "memo", "verify", "power", "across")
+_OUTPUT_MODULES = (
+    "groups",
+    "summary",
+    "pairs",
+    "stats",
+    "load",
+    "index",
+    "memo",
+    "verify",
+    "power",
+    "across",
+    "sources",
+)
 _OUTPUT = msgspec.msgpack.Decoder(tuple[str, str, str | None])
 
 
@@ -621,8 +640,11 @@ def _verdicts(store: Store, tolerance: float, detect: float) -> CheckReport:
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
         g.cross_environment = cross_environment(g.ok, std, store, tolerance)
     views = [v for g in groups for v in g.views()]
-    comparisons = _comparisons(views, store.memo, detect)
-    aggs, across = _across(views, store.memo)
-    report = CheckReport(store, tolerance, groups, comparisons, _searches(store, groups), detect, aggs, across)
+    # A source study's groups measure one stream's spread, not the model: not compared.
+    models = [v for v in views if only_source(pins_of(store.params[v.config_id])) is None]
+    comparisons = _comparisons(models, store.memo, detect)
+    aggs, across = _across(models, store.memo)
+    searches = _searches(store, groups)
+    report = CheckReport(store, tolerance, groups, comparisons, searches, detect, aggs, across, shares(views, store))
     store.memo.save()
     return report

@@ -108,6 +108,26 @@ def aggregate_tables(rep: CheckReport) -> tuple[Table | None, Table | None]:
     return ((header, rows) if rows else None), ((pair_header, pairs) if pairs else None)
 
 
+def sources_table(rep: CheckReport) -> Table | None:
+    """Variance by source: per reference group and metric, each stream's own seed spread and
+    its share of the reference's variance."""
+    rows: list[tuple[str, ...]] = [
+        (
+            s.category,
+            s.label,
+            s.metric,
+            s.source,
+            str(s.n),
+            f"{s.std:.4f}",
+            f"{s.std_reference:.4f} ({s.n_reference})",
+            "-" if s.share is None else interval_cell(s.share, s.share_low or 0.0, s.share_high or math.inf),
+        )
+        for s in rep.sources
+    ]
+    header = ("category", "reference", "metric", "source", "seeds", "std", "reference std (seeds)", f"share [{CI}]")
+    return (header, rows) if rows else None
+
+
 def cross_environment_lines(rep: CheckReport) -> list[str]:
     """Per group and pair of environments: verdict, score and metric differences, and the
     environment fields that differ."""
@@ -176,6 +196,10 @@ def to_text(rep: CheckReport) -> str:
     if across:
         lines += ["", "across categories, P(A beats B) averaged over categories:"]
         lines += ["  " + line for line in text_table(*across)]
+    sources = sources_table(rep)
+    if sources:
+        lines += ["", "variance by source, var(only this stream follows the seed) / var(reference):"]
+        lines += ["  " + line for line in text_table(*sources)]
     held = held_lines(rep)
     lines += ["", *held] if held else []
     for s in rep.searches:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from anomalib.post_processing import PostProcessor
     from anomalib.pre_processing import PreProcessor
 
+    from harness.streams import Streams
+
 
 class SharedFeatures:
     """A training embedding that does not depend on the seed, extracted by the first run of a
@@ -47,6 +49,7 @@ class ModelAdapter(Protocol):
 
     Args: type[ModelArgs]
     anomaly_maps: bool  # whether it scores pixels too (pixel metrics need it)
+    streams: tuple[str, ...]  # the random streams its training draws from (harness/streams.py)
 
     def check(self, args: Any) -> None:
         """Fail fast, before the 8 s anomalib import, on what training would trip over."""
@@ -60,9 +63,11 @@ class ModelAdapter(Protocol):
         post_processor: PostProcessor,
         train_batch_size: int,
         features: SharedFeatures | None = None,
+        streams: Streams | None = None,
     ) -> Any:
         """The anomalib module, with the harness's shared pre- and post-processing (and, where
-        the model can use them, training features extracted once for several runs)."""
+        the model can use them, training features extracted once for several runs); draws it
+        makes after this call (PatchCore's coreset) come from their named ``streams``."""
         ...
 
     def shares_features(self, args: Any) -> bool:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from anomalib.post_processing import PostProcessor
     from anomalib.pre_processing import PreProcessor
 
+    from harness.streams import Streams
+
 
 class GanomalyArgs(ModelArgs):
     n_features: int = Field(default=64, ge=1)
@@ -38,6 +40,7 @@ class GanomalyArgs(ModelArgs):
 class Ganomaly:
     Args = GanomalyArgs
     anomaly_maps = False
+    streams = ("init", "order")
 
     def check(self, args: GanomalyArgs) -> None:
         pass  # nothing outside the data to check: no pretrained parts
@@ -50,6 +53,7 @@ class Ganomaly:
         post_processor: PostProcessor,
         train_batch_size: int,
         features: SharedFeatures | None = None,
+        streams: Streams | None = None,
     ) -> Any:
         from anomalib.models import Ganomaly as AnomalibGanomaly
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from anomalib.pre_processing import PreProcessor
     from torch import nn
 
+    from harness.streams import Streams
+
 Layer = Literal["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -139,10 +141,15 @@ class _HostList(list[Any]):
         super().append(item.cpu())
 
 
-def install_sampler(torch_model: Any, args: PatchcoreArgs, features: SharedFeatures | None) -> None:
+def install_sampler(
+    torch_model: Any, args: PatchcoreArgs, features: SharedFeatures | None, streams: Streams | None = None
+) -> None:
     """Replace ``PatchcoreModel.subsample_embedding``: the coreset of ``args.coreset``, from the
     shared embedding when an earlier run extracted it (this run then trained on one batch
-    only), else from this run's, which it leaves for the next runs."""
+    only), else from this run's, which it leaves for the next runs; its random projection and
+    start index come from the ``sampling`` stream."""
+    import contextlib
+
     import torch
 
     if args.memory_safe:
@@ -163,12 +170,16 @@ def install_sampler(torch_model: Any, args: PatchcoreArgs, features: SharedFeatu
                 blocks = embedding.cpu().unflatten(0, (len(features.order), -1))
                 features.embedding = blocks[torch.argsort(torch.tensor(features.order))]
         torch_model.embedding_store.clear()
+        drawing = streams.drawing("sampling") if streams else contextlib.nullcontext()
         if args.coreset == "anomalib":
             from anomalib.models.components import KCenterGreedy
 
-            coreset = KCenterGreedy(embedding=embedding, sampling_ratio=sampling_ratio).sample_coreset()
+            with drawing:
+                coreset = KCenterGreedy(embedding=embedding, sampling_ratio=sampling_ratio).sample_coreset()
         else:
-            coreset = embedding[greedy_coreset(embedding, anomalib_draws(embedding, sampling_ratio))]
+            with drawing:
+                draws = anomalib_draws(embedding, sampling_ratio)
+            coreset = embedding[greedy_coreset(embedding, draws)]
         torch_model.memory_bank = coreset.to(device)
 
     torch_model.subsample_embedding = subsample_embedding
@@ -178,6 +189,7 @@ def install_sampler(torch_model: Any, args: PatchcoreArgs, features: SharedFeatu
 class Patchcore:
     Args = PatchcoreArgs
     anomaly_maps = True
+    streams = ("init", "order", "sampling")
 
     def check(self, args: PatchcoreArgs) -> None:
         if args.weights:
@@ -193,6 +205,7 @@ class Patchcore:
         post_processor: PostProcessor,
         train_batch_size: int,
         features: SharedFeatures | None = None,
+        streams: Streams | None = None,
     ) -> Any:
         import torch
         from anomalib.models import Patchcore as AnomalibPatchcore
@@ -215,7 +228,7 @@ class Patchcore:
                 evaluator=False,
                 visualizer=False,
             )
-        install_sampler(model.model, args, features)
+        install_sampler(model.model, args, features, streams)
         if features is not None and features.embedding is not None:
             # The features are there: the one training batch needs no forward pass (it draws
             # no random numbers either, so skipping it changes nothing else).

@@ -29,6 +29,7 @@ from harness.check.summary import (
     p_cell,
     scores_cell,
     seeds_needed_cell,
+    sources_table,
     trial_counts,
 )
 from harness.formatting import GIB, flatten, fmt_ints, fmt_value, md_table, stat_cells
@@ -370,6 +371,24 @@ class StabilityReport:
             ]
         return lines
 
+    def sources(self) -> list[str]:
+        """Variance by source: how much of the seed spread each random stream makes alone."""
+        table = sources_table(self.check)
+        if table is None:
+            return []
+        return [
+            "## Variance by source",
+            "",
+            "Where the seed spread comes from (Bouthillier et al., MLSys 2021). The reference runs let every "
+            "random stream follow the seed; a source study lets only one follow it (`[init only]`: the "
+            "initial weights; `[order only]`: the order of training images; `[sampling only]`: PatchCore's "
+            "coreset), the others pinned. Share: that stream's variance over seeds against the reference's, "
+            f"with the F interval of a ratio of two variances ({CI}; exact for a metric normal over seeds). "
+            "Shares need not add up to 1: streams interact, and few seeds estimate a variance loosely.",
+            "",
+            *md_table(*table),
+        ]
+
     def searches(self) -> list[str]:
         if not self.check.searches:
             return []
@@ -397,7 +416,7 @@ class StabilityReport:
     def render(self, plots: Sequence[str]) -> str:
         lines = self.header()
         sections = (self.stability, self.power, self.references, self.determinism, self.cross_environment)
-        for section in (*sections, self.comparisons, self.across, self.searches):
+        for section in (*sections, self.sources, self.comparisons, self.across, self.searches):
             part = section()
             if part:
                 lines += ["", *part]
