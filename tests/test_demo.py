@@ -12,6 +12,7 @@ import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,7 +107,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(
     assert envs == {"native": 3, "aten-default": 3, "bf16": 3}  # grid, 3 seeds, in each
     sources = Counter((r["sweep"], r["category"]) for r in records.values() if "sources" in r["sweep"])
     # 6 seeds, as written and once per source
-    assert sources == {("demo-sources-patchcore", c): 18 for c in ("grid", "weave")} | {("demo-sources-ganomaly", "grid"): 18}
+    assert sources == {("demo-sources-patchcore", c): 18 for c in ("grid", "weave")} | {
+        ("demo-sources-ganomaly", "grid"): 18
+    }
     assert len(records) == 57 + 36 + 18
     trials = {i for i, r in records.items() if r["role"] == "trial"}
     for r in records.values():
@@ -127,9 +130,10 @@ def test_the_readme_demo_runs_the_whole_pipeline(
     )
     assert check_json == by_hand.stdout
     doc = json.loads(check_json)
-    assert doc["records"] == {"files": 57, "ok": 45, "failed": 0, "trials": 12, "malformed": 0, "corrupt": 0}
-    groups = {(g["sweep"], g["category"]): g for g in doc["groups"]}
+    assert doc["records"] == {"files": 111, "ok": 99, "failed": 0, "trials": 12, "malformed": 0, "corrupt": 0}
+    groups = {(g["sweep"], g["category"]): g for g in doc["groups"] if "sources" not in g["sweep"]}
     envs_group = groups.pop(("demo-environments", "grid"))
+    _check_sources(doc, records)
     assert set(groups) == {(s, c) for s in ("demo-patchcore", "demo-ganomaly") for c in CATEGORIES}
     # Three environments, three pairs; the ISA and bf16 each move the scores (measured here)
     cross = {(c["variant_a"], c["variant_b"]): c for c in envs_group["cross_environment"]}
@@ -152,8 +156,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], "the demo wrote outside --out"
     reports = out / "reports"
     report = (reports / "demo.md").read_text()
-    assert "from 57 records" in report
+    assert "from 111 records" in report
     assert "## Across environments" in report
+    assert "## Variance by source" in report
     plots = re.findall(r"!\[[^]]*\]\((demo/[^)]+\.png)\)", report)
     assert plots
     assert all((reports / p).stat().st_size > 1000 for p in plots)
@@ -179,9 +184,9 @@ def test_the_readme_demo_runs_the_whole_pipeline(
 
     # what it says along the way and at the end
     stdout = proc.stdout
-    stages = [int(n) for n in re.findall(r"^== (\d)/6 ", stdout, re.M)]
-    assert stages == [1, 2, 3, 4, 5, 6]
-    assert stdout.count("by hand: harness ") == 6
+    stages = [int(n) for n in re.findall(r"^== (\d)/8 ", stdout, re.M)]
+    assert stages == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert stdout.count("by hand: harness ") == 8
     assert re.search(r"^\[18/18 done, 0 failed", stdout, re.M)  # live progress, run by run
     first = re.search(r"^\[1/18 done[^]]*\]", stdout, re.M)
     assert first
@@ -206,11 +211,38 @@ def test_the_readme_demo_runs_the_whole_pipeline(
     assert "sweep demo-patchcore: 0 ok, 0 failed, 0 lost, 18 already stored" in again
     assert "sweep demo-ganomaly: 0 ok, 0 failed, 0 lost, " in again
     assert "sweep demo-environments: 0 ok, 0 failed, 0 lost, 9 already stored" in again
+    assert "sweep demo-sources-patchcore: 0 ok, 0 failed, 0 lost, 36 already stored" in again
     assert {p: p.stat().st_mtime_ns for p in results.glob("*/runs/*.json")} == files
     assert (out / "check.json").read_text() == check_json
     for sweep in ("demo-patchcore", "demo-ganomaly"):  # no record logged twice; the summary anew
         runs = offline_runs(results / sweep / "wandb")
         assert all(len(rs) == 1 for i, rs in runs.items() if rs[0].job_type != "summary")
+
+
+def _check_sources(doc: dict[str, Any], records: dict[str, dict[str, Any]]) -> None:
+    """The variance-by-source studies: a share per source with its interval, their groups
+    labelled and kept out of comparisons, and a run's numbers set by its streams' seeds."""
+    shares = {(s["sweep"], s["category"], s["source"]): s for s in doc["sources"] if s["metric"] == "image_AUROC"}
+    patchcore = {("demo-sources-patchcore", c, s) for c in ("grid", "weave") for s in ("sampling", "init")}
+    assert set(shares) == patchcore | {("demo-sources-ganomaly", "grid", s) for s in ("init", "order")}
+    for s in shares.values():
+        assert s["n"] == s["n_reference"] == 6
+        assert 0 < s["share_low"] < s["share"] < s["share_high"]
+    labels = {g["label"] for g in doc["groups"] if g["sweep"] == "demo-sources-patchcore"}
+    assert labels == {
+        f"demo-sources-patchcore/patchcore [{t}]" for t in ("order=0 pinned", "sampling only", "init only")
+    }
+    assert not [c for c in doc["comparisons"] if "sources" in c["a"] + c["b"]]
+    # seed 0 of each PatchCore source study draws every stream from 0, as the reference's seed 0
+    first = [r for r in records.values() if r["sweep"] == "demo-sources-patchcore" and r["seed"] == 0]
+    assert len(first) == 6
+    assert all(r["streams"] == {"init": 0, "order": 0, "sampling": 0} for r in first)
+    for category in ("grid", "weave"):
+        assert len({r["predictions"]["scores_sha256"] for r in first if r["category"] == category}) == 1
+    assert (
+        len({r["predictions"]["scores_sha256"] for r in records.values() if r["sweep"] == "demo-sources-patchcore"})
+        > 20
+    )
 
 
 def _skeleton(report: str) -> list[str]:

@@ -89,3 +89,16 @@ def test_sources_need_their_reference(tmp_path: Path) -> None:
     """Source groups alone (no study with every stream following the seed) give no share."""
     records = [r for r in _records() if "streams" in r["params"]]
     assert check(write_records(tmp_path, records)).sources == []
+
+
+def test_the_report_shows_each_sources_share(tmp_path: Path) -> None:
+    from harness.report.sections import StabilityReport
+
+    rep = check(write_records(tmp_path / "results", _records()))
+    text = StabilityReport(rep, "harness report results", "report").render([])
+    section = text.split("## Variance by source", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| disc ")]
+    sampling = next(s for s in rep.sources if s.source == "sampling" and s.metric == "image_AUROC")
+    assert len(rows) == 4  # 2 sources x image and pixel AUROC
+    assert f"{sampling.share:.3f} [{sampling.share_low:.3f}, {sampling.share_high:.3f}]" in section
+    assert "[sampling only]" in text.split("## Variance by source", 1)[0]  # its group's stability row

@@ -640,11 +640,17 @@ def _verdicts(store: Store, tolerance: float, detect: float) -> CheckReport:
         std = g.stats["image_AUROC"].std if "image_AUROC" in g.stats else None
         g.cross_environment = cross_environment(g.ok, std, store, tolerance)
     views = [v for g in groups for v in g.views()]
-    # A source study's groups measure one stream's spread, not the model: not compared.
-    models = [v for v in views if only_source(pins_of(store.params[v.config_id])) is None]
+    sources = shares(views, store)
+    # A source study's groups, its reference too, measure where the spread comes from: not compared.
+    studied = {(s.sweep, s.model, s.category, s.label) for s in sources}
+    models = [
+        v
+        for v in views
+        if only_source(pins_of(store.params[v.config_id])) is None
+        and (v.sweep, v.model, v.category, v.label) not in studied
+    ]
     comparisons = _comparisons(models, store.memo, detect)
     aggs, across = _across(models, store.memo)
-    searches = _searches(store, groups)
-    report = CheckReport(store, tolerance, groups, comparisons, searches, detect, aggs, across, shares(views, store))
+    report = CheckReport(store, tolerance, groups, comparisons, _searches(store, groups), detect, aggs, across, sources)
     store.memo.save()
     return report
