@@ -214,6 +214,7 @@ def make_record(
         "validation": None,
         "selection": None,
         "features": None,
+        "streams": None,
     }
     record.update(extra)
     return record
