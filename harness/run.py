@@ -494,6 +494,7 @@ def build_record(
         validation=state.validation(),
         selection=spec.selection,
         features=state.features,
+        seeds_plan=spec.seeds_plan.plan() if spec.seeds_plan else None,
     )
 
 

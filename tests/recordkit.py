@@ -214,6 +214,7 @@ def make_record(
         "validation": None,
         "selection": None,
         "features": None,
+        "seeds_plan": None,
     }
     record.update(extra)
     return record
