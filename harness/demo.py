@@ -98,7 +98,7 @@ def demo(out: Path) -> bool:
 
 
 def _what(spec: ExperimentSpec) -> str:
-    cats, seeds = len(spec.data.categories), len(spec.seeds)
+    cats, seeds = len(spec.data.categories), len(spec.seed_list())
     if spec.environments:
         envs = ", ".join(spec.environments)
         return f"{spec.model} seed study in {len(spec.environments)} environments ({envs}): {seeds} seeds each"

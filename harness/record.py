@@ -22,6 +22,8 @@ import msgspec
 RECORD_SCHEMA = "harness.run/1"
 Role = Literal["run", "trial", "best"]  # a study's run, an HPO trial, a best-config run
 Status = Literal["ok", "failed"]
+# The quality metrics a run reports (an adaptive seed study targets one of them).
+QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 # Environment settings torch reads when it loads, by the variable a worker is started with
 # (an environment's ``requested`` settings name them by the key on the left).
 LOAD_TIME_SETTINGS = {"aten_cpu_capability": "ATEN_CPU_CAPABILITY", "onednn_max_isa": "DNNL_MAX_CPU_ISA"}
@@ -43,6 +45,18 @@ class Predictions(_Part, frozen=True):
     scores_sha256: str
     maps_sha256: str | None  # None for models without an anomaly map (GANomaly)
     model_sha256: str  # trained weights and buffers: where two runs first part ways
+
+
+class SeedsPlan(_Part, frozen=True):
+    """An adaptive seed study's rounds (spec ``seeds: {adaptive: ...}``): seeds 0, 1, 2, ...
+    added ``round`` at a time from ``min`` until the CI half-width of ``metric``'s mean over
+    seeds is at most ``ci_halfwidth``, or ``max`` seeds ran."""
+
+    metric: str
+    ci_halfwidth: float
+    min: int
+    max: int
+    round: int
 
 
 class Timing(_Part, frozen=True):
@@ -109,6 +123,7 @@ class RunRecord(_Part, frozen=True):
     features: dict[str, Any] | None = None
     # Each named random stream's seed (harness/streams.py); pinned ones are in params.streams.
     streams: dict[str, int] | None = None
+    seeds_plan: SeedsPlan | None = None  # runs of an adaptive seed study: its rounds
 
     @property
     def ok(self) -> bool:

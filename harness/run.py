@@ -501,6 +501,7 @@ def build_record(
         selection=spec.selection,
         features=state.features,
         streams=spec.random_streams().seeds,
+        seeds_plan=spec.seeds_plan.plan() if spec.seeds_plan else None,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -27,7 +30,7 @@ from harness.errors import HarnessError
 from harness.fingerprint import ONEDNN_NEEDS
 from harness.hashing import stable_hash
 from harness.models import get_model
-from harness.record import Role, load_time_env
+from harness.record import QUALITY, Role, SeedsPlan, load_time_env
 from harness.streams import FOLLOW, Streams
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -195,6 +198,54 @@ class ValidationSpec(StrictModel):
     ratio: float = Field(default=0.5, gt=0, lt=1)
 
 
+class AdaptiveSeeds(StrictModel):
+    """Seeds 0, 1, 2, ... run in rounds until the CI of ``metric``'s mean is narrow enough:
+    ``min`` first, then ``round`` more at a time while a group's 95% CI half-width is above
+    ``ci_halfwidth``, never more than ``max`` (docs/specs.md, Adaptive seed studies)."""
+
+    metric: str = "image_AUROC"
+    ci_halfwidth: float = Field(gt=0, allow_inf_nan=False)
+    min: int = Field(ge=2)  # one seed has no interval
+    max: int = Field(le=10_000)
+    round: int = Field(default=5, ge=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _quality(cls, metric: str) -> str:
+        if metric not in QUALITY:
+            raise ValueError(f"{metric!r} is not a quality metric ({', '.join(QUALITY)})")
+        return metric
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AdaptiveSeeds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+    def plan(self) -> SeedsPlan:
+        """The plan as its runs record it."""
+        return SeedsPlan(**self.model_dump())
+
+
+class SeedRounds(StrictModel):
+    """``seeds: {adaptive: {...}}``: the form that tells an adaptive study from a list of seeds."""
+
+    adaptive: AdaptiveSeeds
+
+
+def _seeds_form(value: Any) -> str:
+    return "adaptive" if isinstance(value, dict | SeedRounds) else "list"
+
+
+# A list of seeds, or a mapping; which form is decided by the value's type, so an error names
+# the key in the form written (pydantic's union would report a failure for both).
+Seeds = Annotated[
+    Annotated[list[int], Tag("list")] | Annotated[SeedRounds, Tag("adaptive")],
+    Discriminator(_seeds_form),
+]
+SEEDS_FORMS = ("list", "adaptive")  # the tags above: pydantic puts one in an error's location
+
+
 # What a search may vary: the model's arguments and how images are fed, never what the
 # study is (its data, categories, seeds) or how it is scored.
 SEARCHABLE_PREFIXES = ("model_args.",)
@@ -212,7 +263,7 @@ class ExperimentSpec(StrictModel):
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec
-    seeds: list[int] = Field(default=[0], min_length=1)
+    seeds: Seeds = [0]
     repeats: int = Field(default=1, ge=1, le=100)
     deterministic: bool = True
     resources: ResourcesSpec = ResourcesSpec()
@@ -241,6 +292,8 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _study_keys(self) -> ExperimentSpec:
+        if self.study == "hpo" and self.adaptive is not None:
+            raise ValueError("seeds.adaptive: only for study: seeds")
         if self.study == "seeds":
             stray = [k for k in HPO_ONLY_KEYS if k in self.model_fields_set]
             if stray:
@@ -264,6 +317,8 @@ class ExperimentSpec(StrictModel):
         if self.sources is not None:
             if self.study != "seeds":
                 raise ValueError("sources: only for study: seeds")
+            if self.adaptive is not None:
+                raise ValueError("sources: not with adaptive seeds (each source needs the same seeds as its reference)")
             for name in self.sources:
                 if name not in own:
                     raise ValueError(f"sources: {name} is not a stream {self.model} draws from ({', '.join(own)})")
@@ -276,7 +331,7 @@ class ExperimentSpec(StrictModel):
         if source is None:
             return dict(self.streams) if self.streams else None
         pins = self.streams or {}
-        first = self.seeds[0]
+        first = self.seed_list()[0]
         return {
             name: FOLLOW if name == source else (pins[name] if pins.get(name, FOLLOW) != FOLLOW else first)
             for name in get_model(self.model).streams
@@ -313,13 +368,28 @@ class ExperimentSpec(StrictModel):
 
     @field_validator("seeds")
     @classmethod
-    def _seeds_range(cls, seeds: list[int]) -> list[int]:
+    def _seeds_range(cls, seeds: list[int] | SeedRounds) -> list[int] | SeedRounds:
+        if isinstance(seeds, SeedRounds):
+            return seeds
+        if not seeds:
+            raise ValueError("no seeds: list at least one")
         bad = [s for s in seeds if not 0 <= s < 2**32]
         if bad:
             raise ValueError(f"seed {bad[0]} is outside 0..2**32-1")
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds repeat; use `repeats` for same-seed reruns")
         return seeds
+
+    @property
+    def adaptive(self) -> AdaptiveSeeds | None:
+        """An adaptive study's rounds (None: the seeds are a list)."""
+        return self.seeds.adaptive if isinstance(self.seeds, SeedRounds) else None
+
+    def seed_list(self) -> list[int]:
+        """The seeds to run: the list, or an adaptive study's first round (0 .. min-1)."""
+        if isinstance(self.seeds, SeedRounds):
+            return list(range(self.seeds.adaptive.min))
+        return list(self.seeds)
 
     def model_params(self) -> dict[str, Any]:
         """The model's arguments with defaults filled in, validated by its adapter."""
@@ -350,6 +420,8 @@ class RunSpec(StrictModel):
     selection: dict[str, Any] | None = None
     # Random streams pinned (stream: seed, or "seed": follows the run's): see harness/streams.py.
     streams: dict[str, int | str] | None = None
+    # An adaptive seed study's rounds: recorded, not in the key (a seed is the same run).
+    seeds_plan: AdaptiveSeeds | None = None
 
     def key(self) -> dict[str, Any]:
         """What identifies the run in the store (the run id adds the hardware).
@@ -561,13 +633,18 @@ def validate_spec(raw: dict[str, Any], source: str = "", origins: Origins | None
     return spec
 
 
+def _spec_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """An error's location as keys of the spec: without the tag of the ``seeds`` form."""
+    return (loc[0], *loc[2:]) if loc[:1] == ("seeds",) and len(loc) > 1 and loc[1] in SEEDS_FORMS else loc
+
+
 def _validate(raw: dict[str, Any], where: str, origins: Origins | None = None) -> ExperimentSpec:
     try:
         spec = ExperimentSpec.model_validate(raw)
         args = spec.model_params()
     except ValidationError as err:
         prefix = [] if err.title == ExperimentSpec.__name__ else ["model_args"]
-        key = ".".join([*prefix, *(str(p) for p in err.errors()[0]["loc"])])
+        key = ".".join([*prefix, *(str(p) for p in _spec_loc(err.errors()[0]["loc"]))])
         raise _error(where, key, _why(err), origins) from None
     loose = _loose_bool(raw, spec.model_dump()) or _loose_bool(raw.get("model_args"), args, ("model_args",))
     if loose:
@@ -649,6 +726,7 @@ def run_spec(
         validation=spec.validation if role == "trial" else None,
         selection=selection,
         streams=spec.stream_pins(source),
+        seeds_plan=spec.adaptive,
     )
 
 
@@ -664,14 +742,16 @@ def expand(
     role: Role = "run",
     selection: dict[str, Any] | None = None,
     environments: list[str | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[RunSpec]:
     """The study's grid, environments x (the study, then one per source) x categories x seeds
-    x repeats, in a fixed order."""
+    x repeats, in a fixed order (``seeds``: these instead of ``seed_list``, for an adaptive
+    study's later rounds)."""
     return [
         run_spec(spec, category, seed, repeat, device, role=role, selection=selection, environment=env, source=src)
         for env in (environment_names(spec) if environments is None else environments)
         for src in [None, *(spec.sources or [])]
         for category in spec.data.categories
-        for seed in spec.seeds
+        for seed in (spec.seed_list() if seeds is None else seeds)
         for repeat in range(spec.repeats)
     ]

@@ -215,6 +215,7 @@ def make_record(
         "selection": None,
         "features": None,
         "streams": None,
+        "seeds_plan": None,
     }
     record.update(extra)
     return record

@@ -310,7 +310,8 @@ JSON_KEYS = {
 }
 GROUP_KEYS = {"id", "label", "sweep", "model", "category", "role", "config_id", "n_runs", "seeds", "repeats"}
 GROUP_KEYS |= {"environment_ids", "data_sha256", "note", "failed", "metrics", "determinism", "cross_environment"}
-GROUP_KEYS |= {"metrics_by_environment"}
+GROUP_KEYS |= {"metrics_by_environment", "adaptive", "adaptive_by_environment"}
+PLAN = {"metric": "image_AUROC", "ci_halfwidth": 0.01, "min": 2, "max": 4, "round": 2}
 
 
 def nested_keys(doc: Any, prefix: str = "") -> set[str]:
@@ -335,6 +336,7 @@ def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.Ca
     planted[0] += 0.1
     records = [*seeds_of(AUROCS), make_record(repeat=1, scores=planted), make_record(seed=7, status="failed")]
     records += seeds_of(AUROCS, env=GPU_ENV) + seeds_of(AUROCS, sweep="b", model="ganomaly")
+    records += seeds_of(AUROCS[:2], sweep="c", seeds_plan=PLAN)
     trial = make_record(model="ganomaly", sweep="b", role="trial", study="hpo")
     trial.update(metrics={"val_image_AUROC": 0.6}, predictions=None, validation=VALIDATION)
     best = seeds_of(AUROCS[:1], model="ganomaly", sweep="b", role="best", selection={"metric": "val_image_AUROC"})
@@ -347,7 +349,7 @@ def test_the_json_keys_are_the_documented_ones(tmp_path: Path, capsys: pytest.Ca
         assert f"`{key}`" in json_section, key
     everything = nested_keys(doc)
     assert {"differing", "cross_environment", "comparisons", "selections", "p_a_better", "env_diff"} <= everything
-    assert {"kendall_tau", "ranking_identical", "search_winners"} <= everything
+    assert {"kendall_tau", "ranking_identical", "search_winners", "halfwidth", "outcome"} <= everything
     for key in everything:
         assert re.search(rf"\b{key}\b", json_section), key
 

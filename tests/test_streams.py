@@ -103,6 +103,10 @@ def test_sources_expand_one_study_per_stream_with_the_others_pinned(synth_root: 
         ({"streams": {"init": -1}}, "streams.init"),
         ({"sources": ["sampling"]}, "sources: sampling is not a stream ganomaly draws from"),
         ({"sources": ["init", "init"]}, "sources: a stream is listed twice"),
+        (
+            {"sources": ["init"], "seeds": {"adaptive": {"ci_halfwidth": 0.01, "min": 3, "max": 9}}},
+            "sources: not with adaptive seeds",
+        ),
     ],
 )
 def test_bad_streams_are_one_line_errors(extra: dict[str, Any], message: str, synth_root: Path) -> None:

@@ -19,8 +19,9 @@ import msgspec
 import numpy as np
 
 from harness.check.across import AcrossComparison, Aggregate, Estimates, aggregates, improvement
+from harness.check.adaptive import status as adaptive_status
 from harness.check.index import load_stores
-from harness.check.load import COST, QUALITY, Run, Store, gc_paused
+from harness.check.load import COST, Run, Store, gc_paused
 from harness.check.memo import MEMO_DIR, Memo, code_hash, read_framed, write_framed
 from harness.check.pairs import (
     DEFAULT_TOLERANCE,
@@ -39,9 +40,10 @@ from harness.check.power import (
     remembered_seeds_needed,
 )
 from harness.check.sources import SourceShare, base_config, only_source, pins_of, shares, stream_tag
-from harness.check.stats import Stat, bootstrap_means, comparison_verdict, probability_of_improvement
+from harness.check.stats import Stat, bootstrap_means, comparison_verdict, probability_of_improvement, seed_mean
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
+from harness.record import QUALITY, SeedsPlan
 
 CHECK_SCHEMA = "harness.check/1"
 COMPARED = ("image_AUROC", "pixel_AUROC")
@@ -68,6 +70,9 @@ class Group:
     base_label: str = ""  # a view's group's label (``label`` adds the environment)
     # Shown per environment: it, or a group of the same label, ran in several.
     split: bool = False
+    # An adaptive seed study's status (``adaptive.status``); per environment when it ran in several.
+    adaptive: dict[str, Any] | None = None
+    env_adaptive: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def environments(self) -> list[str]:
@@ -83,6 +88,7 @@ class Group:
         key = (self.sweep, self.model, self.category, self.role, self.config_id)
         label = f"{self.label} in {ok[0].variant or env}" if ok else self.label
         view = Group(*key, label, ok, failed, self.env_stats.get(env, self.stats), base_label=self.label)
+        view.adaptive = self.env_adaptive.get(env, self.adaptive)
         view.determinism = Determinism([p for p in self.determinism.pairs if p.a.environment_id == env])
         return view
 
@@ -107,6 +113,12 @@ class Group:
     def selection(self) -> dict[str, Any] | None:
         """How a search chose this configuration (best-config groups only)."""
         return next((r.selection for r in (*self.ok, *self.failed) if r.selection), None)
+
+    @property
+    def seeds_plan(self) -> SeedsPlan | None:
+        """An adaptive study's rounds, as its latest run recorded them."""
+        runs = sorted((*self.ok, *self.failed), key=lambda r: r.finished_at, reverse=True)
+        return next((r.seeds_plan for r in runs if r.seeds_plan), None)
 
     @property
     def note(self) -> str | None:
@@ -141,6 +153,8 @@ class Group:
             "metrics_by_environment": {
                 env: {m: s.to_json() for m, s in stats.items() if m in QUALITY} for env, stats in self.env_stats.items()
             },
+            "adaptive": self.adaptive,
+            "adaptive_by_environment": self.env_adaptive,
         }
 
 
@@ -405,8 +419,27 @@ def _seed_stats(runs: list[Run], metrics: tuple[str, ...] = (*QUALITY, *COST)) -
     for m in metrics:
         if m in per_seed:
             by_seed = sorted(per_seed[m].items())
-            stats[m] = Stat(np.array([sum(v) / len(v) for _, v in by_seed]), np.array([s for s, _ in by_seed]))
+            stats[m] = Stat(np.array([seed_mean(v) for _, v in by_seed]), np.array([s for s, _ in by_seed]))
     return stats
+
+
+def _adaptive(groups: list[Group]) -> None:
+    """Where each group of an adaptive seed study stands in its rounds, in each environment
+    it ran in (the driver's groups are an environment's): as the driver would decide it."""
+    for g in groups:
+        plan = g.seeds_plan
+        if plan is None:
+            continue
+        if g.env_stats:
+            g.env_adaptive = {env: _status(stats, plan) for env, stats in g.env_stats.items()}
+        else:
+            g.adaptive = _status(g.stats, plan)
+
+
+def _status(stats: dict[str, Stat], plan: SeedsPlan) -> dict[str, Any]:
+    st = stats.get(plan.metric)
+    values = {} if st is None else dict(zip(st.seeds.tolist(), st.values.tolist(), strict=True))
+    return adaptive_status(values, plan)
 
 
 def _comparable(a: Group, b: Group) -> bool:
@@ -600,6 +633,7 @@ _OUTPUT_MODULES = (
     "power",
     "across",
     "sources",
+    "adaptive",
 )
 _OUTPUT = msgspec.msgpack.Decoder(tuple[str, str, str | None])
 
@@ -634,6 +668,7 @@ def _verdicts(store: Store, tolerance: float, detect: float) -> CheckReport:
     remembered_means(store.memo, seeded)
     remembered_mdd(store.memo, seeded)
     several = {g.label for g in groups if g.env_stats}  # labels shown per environment
+    _adaptive(groups)
     for g in groups:
         g.split = g.label in several
         g.determinism = determinism(g.ok, store, tolerance)

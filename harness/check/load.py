@@ -26,9 +26,8 @@ from harness.check.memo import Memo
 from harness.check.verify import verify
 from harness.formatting import flatten
 from harness.hashing import stable_hash
-from harness.record import RunRecord, decode_record
+from harness.record import RunRecord, SeedsPlan, decode_record
 
-QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 COST = ("fit_s", "peak_rss_bytes", "peak_gpu_bytes")
 # Content hashes inside params: left out of a configuration's id (see ``settings_id``).
 CONTENT_HASHES = {"data": "sha256", "model_args": "weights_sha256"}
@@ -67,6 +66,7 @@ class Run(msgspec.Struct, frozen=True):
     data_root: str
     n_test: int | None
     selection: dict[str, Any] | None
+    seeds_plan: SeedsPlan | None  # an adaptive seed study's rounds
     curve: dict[str, list[int | float | None]] | None  # trials: validation metrics by epoch, by column
     stopped_early: bool
 
@@ -234,6 +234,7 @@ class _Reducer:
             data_root=record.data.root,
             n_test=record.data.n_test,
             selection=record.selection,
+            seeds_plan=record.seeds_plan,
             curve=_columns(validation.curve) if validation else None,
             stopped_early=validation.stopped_early if validation else False,
         )

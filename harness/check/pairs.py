@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.check.load import QUALITY, Run, Store
+from harness.check.load import Run, Store
 from harness.check.memo import Memo
 from harness.formatting import fmt_small
+from harness.record import QUALITY
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -84,6 +84,11 @@ class Stat:
         }
 
 
+def seed_mean(repeats: Sequence[float]) -> float:
+    """A seed's value: the mean of its repeats (they test determinism; they are not samples)."""
+    return sum(repeats) / len(repeats)
+
+
 def bootstrap_means(stats: Iterable[Stat]) -> None:
     """Fill each stat's 95% CI of the mean: scipy's BCa bootstrap, seeded, batched by size.
 

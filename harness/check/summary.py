@@ -146,6 +146,20 @@ def cross_environment_lines(rep: CheckReport) -> list[str]:
     return lines
 
 
+def adaptive_table(rep: CheckReport) -> Table | None:
+    """Per group (in each environment) of an adaptive seed study: how its rounds ended, or
+    that they have not (an interrupted study; a rerun goes on)."""
+    rows: list[tuple[str, ...]] = []
+    for g in rep.views:
+        a = g.adaptive
+        if a is not None:
+            width = "-" if a["halfwidth"] is None else f"{a['halfwidth']:.4f}"
+            seeds = f"{a['seeds']} (max {a['max']})"
+            rows.append((g.category, g.label, a["metric"], seeds, width, f"{a['target']:g}", a["outcome"]))
+    header = ("category", "group", "metric", "seeds", f"{CI} half-width", "target", "outcome")
+    return (header, rows) if rows else None
+
+
 def to_text(rep: CheckReport) -> str:
     """The compact table ``harness check`` prints."""
     doc = rep.counts()
@@ -164,6 +178,10 @@ def to_text(rep: CheckReport) -> str:
     header: tuple[str, ...] = ("category", "group", "seeds", f"image_AUROC mean±std [{CI}]", "min-max", "CV", "MDD")
     header += ("pixel_AUROC", "determinism", "failed")
     lines += ["", *text_table(header, rows)] if rows else ["", "no test runs (only search trials)"]
+    adaptive = adaptive_table(rep)
+    if adaptive:
+        lines += ["", "adaptive seeds, added in rounds until the CI half-width is at most the target:"]
+        lines += ["  " + line for line in text_table(*adaptive)]
     failed = failed_lines(rep.groups)
     if failed:
         lines += ["", "failed runs (in no statistic):", *("  " + line for line in failed)]

@@ -21,6 +21,7 @@ from harness.check.stats import (
     mean_over_categories,
 )
 from harness.check.summary import (
+    adaptive_table,
     aggregate_tables,
     determinism_cell,
     failed_lines,
@@ -184,6 +185,21 @@ class StabilityReport:
         if singles:
             lines += ["", *(f"- {g.label} {g.category}: {g.note}" for g in singles)]
         return lines
+
+    def adaptive(self) -> list[str]:
+        """Adaptive seed studies: which groups reached the CI target, which stopped at the maximum."""
+        table = adaptive_table(self.check)
+        if table is None:
+            return []
+        return [
+            "## Adaptive seed studies",
+            "",
+            f"Seeds were added in rounds while a group's {CI} of the metric's mean (the stability table's "
+            "interval) was wider than the target half-width, up to the study's maximum. `in progress`: the "
+            "study stopped before either (a rerun of the sweep goes on).",
+            "",
+            *md_table(*table),
+        ]
 
     def power(self) -> list[str]:
         """Per model and category, the difference its seeds could detect (MDD) in each plotted metric."""
@@ -415,8 +431,8 @@ class StabilityReport:
 
     def render(self, plots: Sequence[str]) -> str:
         lines = self.header()
-        sections = (self.stability, self.power, self.references, self.determinism, self.cross_environment)
-        for section in (*sections, self.sources, self.comparisons, self.across, self.searches):
+        sections = (self.stability, self.adaptive, self.power, self.references, self.determinism)
+        for section in (*sections, self.cross_environment, self.sources, self.comparisons, self.across, self.searches):
             part = section()
             if part:
                 lines += ["", *part]

@@ -5,6 +5,7 @@ no shared file system, and a run is stored exactly once however often Ray retrie
 
 - ``cluster``: start or join a cluster, check what it can hold;
 - ``tasks``: ``study: seeds``, categories x seeds x repeats as Ray tasks, retried on lost nodes;
+- ``rounds``: an adaptive seed study, its rounds of seeds decided from the stored records;
 - ``search``: ``study: hpo``, per category a Ray Tune search on a validation split;
 - ``worker``: what runs on a worker; ``progress``: the live lines and the tally.
 """
@@ -30,6 +31,7 @@ from harness.sweep.cluster import (
     run_device,
 )
 from harness.sweep.progress import Progress, SweepResult
+from harness.sweep.rounds import run_rounds
 from harness.sweep.search import search, searcher
 from harness.sweep.tasks import run_grid
 from harness.tracking import open_tracker
@@ -74,7 +76,9 @@ def sweep(spec: ExperimentSpec, results: Path, address: str | None = None) -> Sw
         with cluster(address), ray_log(Path(results) / spec.name / "ray.log"):
             check_resources(spec)
             check_environments(spec)
-            if spec.study == "seeds":
+            if spec.adaptive is not None:
+                run_rounds(spec, spec.adaptive.plan(), store, run_device(spec), run)
+            elif spec.study == "seeds":
                 run(expand(spec, run_device(spec)))
             else:
                 _searches(spec, store, results, tally, run)

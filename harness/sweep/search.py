@@ -44,7 +44,7 @@ def searcher(spec: ExperimentSpec) -> Any:
 
     A searcher whose package is missing is an error now (Ray's wrappers import, then fail on use).
     """
-    seed = spec.seeds[0]
+    seed = spec.seed_list()[0]
     if spec.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -114,8 +114,9 @@ def search(
 
     # The scheduler decides where a trial's curve ends: a trial under another is another run.
     scheduler = {"scheduler": spec.scheduler.model_dump(mode="json")}
+    seed = spec.seed_list()[0]
     base = run_spec(
-        spec, category, spec.seeds[0], 0, run_device(spec), role="trial", selection=scheduler, environment=environment
+        spec, category, seed, 0, run_device(spec), role="trial", selection=scheduler, environment=environment
     )
     done = {i: r.to_builtins() for i, r in stored_ok(store, spec.name, "trial", progress).items()}
     where = f"{category} in {environment}" if environment else category
