@@ -104,7 +104,8 @@ def _what(spec: ExperimentSpec) -> str:
         return f"{spec.model} seed study in {len(spec.environments)} environments ({envs}): {seeds} seeds each"
     if spec.sources:
         varied = ", ".join(f"{s} only" for s in spec.sources)
-        return f"{spec.model} variance by source: {cats} categories x {seeds} seeds, as written and {varied}"
+        where = f"{cats} categor{'y' if cats == 1 else 'ies'}"
+        return f"{spec.model} variance by source: {where} x {seeds} seeds, as written and {varied}"
     if spec.study == "seeds":
         return f"{spec.model} seed study: {cats} categories x {seeds} seeds x {spec.repeats} repeats"
     return (
