@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from harness.check.index import RACY_NS
-from harness.check.load import FileState, read_file
+from harness.check.load import FileState, read_file, settings_id
 from harness.check.memo import code_hash
 from harness.errors import HarnessError
 from harness.formatting import flatten
@@ -72,10 +72,12 @@ def _sweeps(results: Path | str, sweeps: Iterable[str] | None) -> tuple[ResultsS
 
 
 def run_row(record: RunRecord) -> dict[str, Any]:
-    """A record as one row: every field but the per-image arrays, dotted."""
+    """A record as one row: every field but the per-image arrays, dotted; and its
+    ``config_id``, the checker's (a group is sweep, model, category, role and config_id)."""
     row = flatten(msgspec.to_builtins(record), keep_empty=True)
     for key in ARRAYS:
         row.pop(key, None)
+    row["config_id"] = settings_id(record.params)[0]
     return row
 
 
