@@ -244,6 +244,7 @@ def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tm
     from harness.datasets import build_datamodule
     from harness.run import build_validation_split
     from harness.spec import ValidationSpec
+    from harness.streams import Streams
 
     spec = make_run_spec("ganomaly", synth_root)
     splits = []
@@ -255,7 +256,7 @@ def test_every_trial_is_scored_on_the_same_validation_split(synth_root: Path, tm
         before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
         datamodule = build_datamodule(spec.data, "disc", ValidationSpec())
         (tmp_path / str(draws)).mkdir()
-        build_validation_split(datamodule, tmp_path / str(draws))
+        build_validation_split(datamodule, tmp_path / str(draws), Streams.of(0, ("init", "order", "split"), None))
         assert torch.equal(torch.random.get_rng_state(), before[0])
         assert np.array_equal(np.random.get_state()[1], before[1])
         val = [datamodule.val_data[i] for i in range(len(datamodule.val_data))]
