@@ -64,7 +64,9 @@ ONEDNN_NEEDS = {
     "AVX10_1_512_AMX_FP16": {"avx512f", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16"},
 }
 ATEN_NEEDS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
-IMAGE_ENV = "HARNESS_IMAGE"  # set by the project's container image: its name and tag
+IMAGE_ENV = "HARNESS_IMAGE"  # set by the project's container image (infra/Dockerfile): its tag
+IMAGE_BASE_ENV = "HARNESS_IMAGE_BASE"  # the base image it was built on
+IMAGE_ID_FILE = Path("/etc/ad-harness-image-id")  # what it installed, hashed by its build
 # Variables that pick kernels or their order of operations, as the process was started
 # with them (MKL's code path and conditional reproducibility, TF32 on Ampere and later).
 # Not the thread counts (the run sets torch's), nor what the run itself sets (the cuBLAS
@@ -233,14 +235,36 @@ def machine(device: str) -> dict[str, Any]:
     return {**facts, "machine_id": stable_hash(facts, 12)}
 
 
+def image() -> dict[str, str | None] | None:
+    """The project's container image this process runs in, or None outside one.
+
+    ``tag`` and ``base`` are build arguments; ``content_id`` is a hash the build takes of what it
+    installed (OS packages, interpreter, every file of the Python environment), so two images
+    under one tag, or one image under two tags, are told apart by what they hold.
+    """
+    tag = os.environ.get(IMAGE_ENV)
+    if tag is None:
+        return None
+    try:
+        content_id: str | None = IMAGE_ID_FILE.read_text().strip() or None
+    except OSError:
+        content_id = None
+    return {"tag": tag, "base": os.environ.get(IMAGE_BASE_ENV), "content_id": content_id}
+
+
 def environment_id(device: str, settings: dict[str, Any]) -> str:
     """The execution environment a run with these ``settings`` gets in this process (what the
-    run id includes): machine, software, the ISA dispatched to, and the run's settings."""
+    run id includes): machine, software, the ISA dispatched to, the run's settings, and the
+    container image's content (only inside one: ids outside images are as before)."""
     cuda = cuda_facts(device)
     software = {"python": sys.version.split()[0], **package_versions()}
     software |= {k: cuda[k] for k in ("cuda", "cudnn", "driver")}
     build = torch_build()
-    return stable_hash([machine(device)["machine_id"], software, build, numeric_env(), settings], 12)
+    parts: list[Any] = [machine(device)["machine_id"], software, build, numeric_env(), settings]
+    img = image()
+    if img is not None:
+        parts.append({"image": img["content_id"]})
+    return stable_hash(parts, 12)
 
 
 def fingerprint(
@@ -266,7 +290,7 @@ def fingerprint(
         "threads": settings["threads"],
         "determinism": determinism_flags(),
         "harness_commit": harness_commit(),
-        "image": os.environ.get(IMAGE_ENV),
+        "image": image(),
         **machine(device),
         "torch_build": torch_build(),
         "numeric_env": numeric_env(),

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from harness import fingerprint
 from harness.errors import HarnessError
 from harness.fingerprint import ONEDNN_NEEDS, check_requested, cpu_info
 from harness.spec import validate_spec
@@ -94,6 +95,28 @@ def test_an_isa_this_cpu_lacks_is_refused_not_silently_lowered() -> None:
     with pytest.raises(HarnessError, match="was asked for, but torch dispatches to"):
         # This process loaded torch without it: ATEN_CPU_CAPABILITY comes too late now.
         check_requested({"aten_cpu_capability": "default"})
+
+
+def test_the_image_is_recorded_and_its_content_is_part_of_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"threads": 1, "device": "cpu"}
+    monkeypatch.delenv(fingerprint.IMAGE_ENV, raising=False)
+    outside = fingerprint.environment_id("cpu", settings)
+    assert fingerprint.image() is None
+    id_file = tmp_path / "image-id"
+    monkeypatch.setattr(fingerprint, "IMAGE_ID_FILE", id_file)
+    monkeypatch.setenv(fingerprint.IMAGE_ENV, "ad-harness:1")
+    monkeypatch.setenv(fingerprint.IMAGE_BASE_ENV, "debian:bookworm")
+    assert fingerprint.image() == {"tag": "ad-harness:1", "base": "debian:bookworm", "content_id": None}
+    ids = {}
+    for content in ("a" * 64, "b" * 64):
+        id_file.write_text(content + "\n")
+        ids[content] = fingerprint.environment_id("cpu", settings)
+        assert fingerprint.image() == {"tag": "ad-harness:1", "base": "debian:bookworm", "content_id": content}
+    assert len({outside, *ids.values()}) == 3  # two images' contents: two environments, neither the host's
+    monkeypatch.setenv(fingerprint.IMAGE_ENV, "ad-harness:latest")
+    assert fingerprint.environment_id("cpu", settings) == ids["b" * 64]  # one content under two tags: one
 
 
 @pytest.mark.slow

@@ -70,10 +70,12 @@ def test_hadolint_passes() -> None:
 def test_image_versions_match_the_pinned_environment() -> None:
     import torch
 
-    # The CUDA base is the torch build's CUDA (major.minor), Python the project's.
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-base-ubuntu\d+\.\d+", arg_default("CUDA_IMAGE"))
+    # The default base is CUDA's, the torch build's CUDA (major.minor), Python the project's
+    # (a standalone build by default; PYTHON=system takes a Debian base's, tests/test_image.py).
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-base-ubuntu\d+\.\d+", arg_default("BASE_IMAGE"))
     assert cuda is not None
     assert cuda.group(1) == torch.version.cuda
+    assert arg_default("PYTHON") == "uv"
     python = arg_default("PYTHON_VERSION")
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(python)
     assert python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}.")  # as tested here
