@@ -209,11 +209,15 @@ class Network:
         self.bridge, self.client = f"{tag}br", f"{tag}cl"
         self.prefix = f"10.213.{os.getpid() % 250}"
         self.n = 0
-        for ns in (self.bridge, self.client):
-            ip("netns", "add", ns)
-        ip("-n", self.bridge, "link", "add", "dev", "br0", "type", "bridge")
-        ip("-n", self.bridge, "link", "set", "dev", "br0", "up")
-        self.client_address = self.attach(["-n", self.client])
+        try:
+            for ns in (self.bridge, self.client):
+                ip("netns", "add", ns)
+            ip("-n", self.bridge, "link", "add", "dev", "br0", "type", "bridge")
+            ip("-n", self.bridge, "link", "set", "dev", "br0", "up")
+            self.client_address = self.attach(["-n", self.client])
+        except BaseException:
+            self.close()  # half made: what was made goes
+            raise
 
     def attach(self, where: list[str]) -> str:
         """A link from a namespace (``-n NAME``, or ``nsenter`` into a container's) to the bridge."""
