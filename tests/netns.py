@@ -353,11 +353,14 @@ class NetnsCluster:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``host``'s namespace, in a process group of its own; stopped at close.
 
-        Output goes to ``log`` (default: ``root/logs/<host>-<n>.log``)."""
+        Returns once the process is inside the namespace (or has ended): ``ip netns exec`` joins
+        it only after the fork, and a process still outside would escape ``kill_host`` and
+        ``pids``. Output goes to ``log`` (default: ``root/logs/<host>-<n>.log``)."""
+        netns = self.hosts[host].netns
         log = log or self.root / "logs" / f"{host}-{len(self._procs)}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.hosts[host].netns, *argv],
+                ["ip", "netns", "exec", netns, *argv],
                 env=self.env(token=token, extra=env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -365,6 +368,11 @@ class NetnsCluster:
                 start_new_session=True,
             )
         self._procs.append(proc)
+        deadline = time.monotonic() + 10
+        while _inode(f"/proc/{proc.pid}/ns/net") != self._inodes[netns] and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{argv[0]} did not enter {netns} within 10 s")
+            time.sleep(0.01)
         return proc
 
     def exec(
