@@ -1,6 +1,7 @@
 """Adaptive seed studies: the rounds on fixed per-seed values, the spec form, the check of a
 stored study, and (slow) a real one on Ray that stops at the target on a stable category and
-at the maximum on an unstable one, then resumes without running anything."""
+at the maximum on an unstable one, then resumes without running anything, and on other
+hardware into the same store runs rounds of its own."""
 
 from __future__ import annotations
 
@@ -162,7 +163,11 @@ ADAPTIVE = {"metric": "image_AUROC", "ci_halfwidth": 0.005, "min": 3, "max": 5, 
 
 @pytest.mark.slow
 def test_an_adaptive_study_stops_at_the_target_when_stable_and_at_the_maximum_when_not(
-    tmp_path: Path, synth_root: Path, ray_tmp: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    synth_root: Path,
+    ray_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from harness.sweep import sweep
 
@@ -200,3 +205,20 @@ def test_an_adaptive_study_stops_at_the_target_when_stable_and_at_the_maximum_wh
     again = sweep(spec, results)  # resume: the rounds are re-derived from the store, nothing runs
     assert (again.ok, again.failed, again.lost) == (0, [], [])
     assert len(ResultsStore(results).records("adaptive")) == 8
+
+    # The study on other hardware (another ISA: another environment_id under no variant name)
+    # into the same store: its rounds count its own runs, not the first machine's.
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # the new cluster's workers start with it
+    capsys.readouterr()
+    other = sweep(spec, results)
+    rounds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("adaptive seeds")]
+    assert "weave runs to 3 seeds" in rounds[0], rounds
+    assert "disc runs to 3 seeds" in rounds[0], rounds
+    assert other.failed == []
+    assert other.ok >= 6  # weave's 3, and disc's 3 to 5 (as the ISA moves its AUROCs)
+    stored = ResultsStore(results).records("adaptive").values()
+    seed0_envs = {r.environment_id for r in stored if r.seed == 0 and r.category == "weave"}
+    assert len(seed0_envs) == 2  # the runs of seed 0 on each "machine"
+    rep = check(results)
+    weave = next(g for g in rep.groups if g.category == "weave")
+    assert sorted(a["seeds"] for a in weave.env_adaptive.values()) == [3, 3]

@@ -18,19 +18,24 @@ from harness.record import SeedsPlan
 from harness.spec import Device, ExperimentSpec, RunSpec, environment_names, expand, run_spec
 from harness.store import ResultsStore
 from harness.sweep.progress import Progress
-from harness.sweep.tasks import stored_ok
+from harness.sweep.tasks import environments_of, stored_ok
 
 GroupKey = tuple[str | None, str]  # (environment name, category): a group of the study's runs
 
 
-def seed_values(store: ResultsStore, spec: ExperimentSpec, plan: SeedsPlan) -> dict[GroupKey, dict[int, float]]:
+def seed_values(
+    store: ResultsStore, spec: ExperimentSpec, plan: SeedsPlan, environments: dict[str | None, str | None]
+) -> dict[GroupKey, dict[int, float]]:
     """Per group, each seed's value of the plan's metric over the study's stored ``ok`` runs of
-    this configuration (a seed's repeats reduced as the checker does)."""
+    this configuration in the environment its variant has on this cluster (``environments``,
+    see ``environments_of``: another machine's runs under the variant's name are its own
+    study, as the checker groups them), a seed's repeats reduced as the checker does."""
     config = settings_id(run_spec(spec, spec.data.categories[0], 0, 0).params())[0]  # every category's
     per: dict[GroupKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in stored_ok(store, spec.name, "run", Progress(0)).values():
         value = r.metrics.get(plan.metric)
-        if value is not None and r.model == spec.model and settings_id(r.params)[0] == config:
+        here = r.environment_id == environments.get(r.variant)
+        if value is not None and here and r.model == spec.model and settings_id(r.params)[0] == config:
             per[(r.variant, r.category)][r.seed].append(value)
     return {g: {s: seed_mean(v) for s, v in seeds.items()} for g, seeds in per.items()}
 
@@ -64,11 +69,12 @@ def run_rounds(
     were lost) stops: a failing group is not retried in a loop; a rerun retries it.
     """
     grid = expand(spec, device, seeds=range(plan.max))
+    environments = environments_of(grid, spec)
     groups = [(env, category) for env in environment_names(spec) for category in spec.data.categories]
     sent: dict[GroupKey, set[int]] = defaultdict(set)  # seeds given to run_grid in this sweep
     stopped: set[GroupKey] = set()
     while True:
-        values = seed_values(store, spec, plan)
+        values = seed_values(store, spec, plan, environments)
         steps = {g: next_step(values.get(g, {}), plan) for g in groups}
         todo = [
             r
